@@ -1,0 +1,221 @@
+"""The `mgsr` command line: thin Typer commands that parse flags into configs and call the stages.
+
+Every stage prints its output directory, and nothing else, on stdout; logs, progress bars and
+tables go to stderr. Bad input ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from mgsr_cli import __version__
+from mgsr_cli.errors import UsageError
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad input becomes `error: ...` on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="mgsr",
+    help="Knowledge distillation of language models: MGSR (multi-granularity semantic revision) and its baselines.\n\n"
+    "Stages chain through their output directories: generate -> correct -> distill -> evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+OUT = typer.Option(..., "--out", help="Output directory (created; an unfinished run there is resumed).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace a complete run in --out instead of refusing.")
+DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).")
+LIMIT = typer.Option(None, "--limit", help="Use only the first N examples of each data set.")
+TEMPERATURE = typer.Option(None, "--temperature", help="Sampling temperature; 0 means greedy decoding. [default: 1.0]")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass; 1 switches it off. [default: 1.0]")
+TOP_K = typer.Option(None, "--top-k", help="Sample from the K best tokens; 0 switches it off. [default: 0]")
+MAX_NEW = typer.Option(None, "--max-new-tokens", help="New tokens per response. [default: fill up to --max-length]")
+MAX_LENGTH = typer.Option(None, "--max-length", help="Prompt + response tokens at most. [default: 512]")
+MAX_PROMPT = typer.Option(None, "--max-prompt-length", help="Longer prompts are dropped (and counted). [default: 256]")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mgsr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging on stderr."),
+) -> None:
+    from mgsr_cli.console import setup_logging
+
+    setup_logging(verbose)
+
+
+def _given(**flags: Any) -> dict:
+    """The flags the user actually set, as a nested override mapping for a config."""
+    changes: dict = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split("__")
+        target = changes
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return changes
+
+
+def _finish(out: Path) -> None:
+    """The one line on stdout: the output directory, for shell pipelines."""
+    typer.echo(str(out))
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="Hub id or local directory of a causal LM."),
+    data: str = typer.Option(..., "--data", help="Shipped set (dolly, self_inst, vicuna, sinst, uinst, dolly_train, dolly_dev), file, directory or hub id."),
+    out: Path = OUT,
+    limit: Optional[int] = LIMIT,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per batch. [default: 8]"),
+    max_new_tokens: Optional[int] = MAX_NEW,
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Responses per prompt. [default: 1]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed; same seed and batch size give the same output. [default: 0]"),
+    max_length: Optional[int] = MAX_LENGTH,
+    max_prompt_length: Optional[int] = MAX_PROMPT,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Sample responses (student-generated outputs) for a prompt set."""
+    from mgsr_cli.config import GenerateConfig, override
+    from mgsr_cli.generate import run_generate
+
+    config = override(
+        GenerateConfig(model=model, data=data),
+        _given(
+            limit=limit,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            seed=seed,
+            sampling__max_new_tokens=max_new_tokens,
+            sampling__temperature=temperature,
+            sampling__top_p=top_p,
+            sampling__top_k=top_k,
+            sampling__max_length=max_length,
+            data_format__max_prompt_length=max_prompt_length,
+            loading__dtype=dtype,
+            loading__device=device,
+            loading__trust_remote_code=trust_remote_code,
+        ),
+    )
+    _finish(run_generate(config, out, overwrite))
+
+
+@app.command()
+def evaluate(
+    model: list[str] = typer.Option(..., "--model", help="Model to score; repeat for several, optionally as LABEL=PATH."),
+    data: list[str] = typer.Option(..., "--data", help="Data set with references; repeat for several (shipped name, path or hub id)."),
+    out: Path = OUT,
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated sampling seeds. [default: 10,20,30,40,50]"),
+    limit: Optional[int] = LIMIT,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per batch. [default: 16]"),
+    max_new_tokens: Optional[int] = MAX_NEW,
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    max_length: Optional[int] = MAX_LENGTH,
+    max_prompt_length: Optional[int] = MAX_PROMPT,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Score models with ROUGE-L under the papers' protocol (sampling at T=1, seeds 10..50) and write a report."""
+    from mgsr_cli.config import EvaluateConfig, override
+    from mgsr_cli.evaluate import run_evaluate
+
+    config = override(
+        EvaluateConfig(models=list(model), data=list(data)),
+        _given(
+            seeds=seeds,
+            limit=limit,
+            batch_size=batch_size,
+            sampling__max_new_tokens=max_new_tokens,
+            sampling__temperature=temperature,
+            sampling__top_p=top_p,
+            sampling__top_k=top_k,
+            sampling__max_length=max_length,
+            data_format__max_prompt_length=max_prompt_length,
+            loading__dtype=dtype,
+            loading__device=device,
+            loading__trust_remote_code=trust_remote_code,
+        ),
+    )
+    _finish(run_evaluate(config, out, overwrite))
+
+
+@app.command()
+def correct(
+    input: Path = typer.Option(..., "--input", help="Output directory of `mgsr generate` (token ids are reused, never re-tokenised)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model: hub id or local directory."),
+    student: str = typer.Option(..., "--student", help="Student model: hub id or local directory."),
+    out: Path = OUT,
+) -> None:
+    """SCRG: find where teacher and student disagree most, put the teacher's token there, let the student re-generate the rest."""
+    raise UsageError("correct is not implemented yet")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model: hub id or local directory."),
+    student: str = typer.Option(..., "--student", help="Student model: hub id or local directory."),
+    out: Path = OUT,
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (default: shipped Dolly train)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (see recipes/)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+) -> None:
+    """Train the student: L = L_SFT + L_DAC-KL + L_span with SCRG-revised student outputs, or any baseline recipe."""
+    raise UsageError("distill is not implemented yet")
+
+
+@app.command("build-tiny")
+def build_tiny(
+    out: Path = typer.Option(..., "--out", help="Directory to write teacher/ and student/ into."),
+    seed: int = typer.Option(0, "--seed", help="Initialisation seed."),
+) -> None:
+    """Write the embedded default: a tiny 4-layer GPT-2 teacher and 2-layer student with the real GPT-2 tokenizer."""
+    from mgsr_cli.models import build_tiny_pair
+
+    build_tiny_pair(out, seed)
+    _finish(out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Data sets -> prompts: shipped sets by short name, local files and directories, hub data sets.
+
+Every source ends as a list of `Example` (an id, the templated prompt, the reference
+responses). Prompts are then tokenised once; those over the prompt-length limit are dropped
+and counted, never truncated mid-token.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from mgsr_cli.artifacts import RECORDS, is_stage_dir, iter_records
+from mgsr_cli.config import DataConfig
+from mgsr_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# Short names of the sets shipped in data/ (see data/README.md for sources and licenses).
+SHIPPED = {
+    "dolly": "dolly/minillm_test.jsonl",
+    "dolly_train": "dolly/minillm_train.jsonl.gz",
+    "dolly_dev": "dolly/minillm_dev.jsonl",
+    "self_inst": "self_inst/minillm_valid.jsonl",
+    "vicuna": "vicuna/minillm_valid.jsonl",
+    "sinst": "sinst/minillm_11_valid.jsonl.gz",
+    "uinst": "uinst/dtkd_short_answer_valid.jsonl",  # short-answer bucket: smoke tests only
+}
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+INSTRUCTION_FIELDS = ("instruction",)
+INPUT_FIELDS = ("input", "context")
+OUTPUT_FIELDS = ("output", "response")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its reference responses (several for S-NI, none for unlabeled prompts)."""
+
+    id: str
+    prompt: str
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    example: Example
+    prompt_ids: tuple[int, ...]
+
+
+def shipped_path(name: str) -> Path:
+    """Where a shipped set lives inside the installed package."""
+    return Path(str(resources.files("mgsr_cli.shipped_data") / SHIPPED[name]))
+
+
+def resolve_source(spec: str) -> Path | None:
+    """The file or directory a data spec names, or None for a hub data set id."""
+    if spec in SHIPPED:
+        return shipped_path(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.endswith(DATA_SUFFIXES) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"data '{spec}' not found: no such file or directory, and not a shipped set ({', '.join(SHIPPED)})")
+    return None
+
+
+def load_examples(spec: str, config: DataConfig, limit: int | None = None) -> list[Example]:
+    """The first `limit` examples of a data spec (shipped name, path, stage output or hub id)."""
+    source = resolve_source(spec)
+    rows = _iter_rows(spec, source, config)
+    examples = []
+    for index, (where, row) in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        examples.append(_row_to_example(row, index, where, config))
+    if not examples:
+        raise UsageError(f"data '{spec}' holds no examples")
+    return examples
+
+
+def _iter_rows(spec: str, source: Path | None, config: DataConfig) -> Iterator[tuple[str, dict]]:
+    """(location for error messages, row) pairs from any supported source."""
+    if source is None:
+        yield from _hub_rows(spec, config.split)
+    elif is_stage_dir(source):
+        seen = set()  # several samples per prompt are one example
+        for number, record in enumerate(iter_records(source / RECORDS), 1):
+            row = _stage_record_to_row(record)
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                yield f"{source / RECORDS}:{number}", row
+    elif source.is_dir():
+        files = sorted(path for path in source.iterdir() if path.name.endswith(DATA_SUFFIXES))
+        if not files:
+            raise UsageError(f"data directory '{source}' holds no {', '.join(DATA_SUFFIXES)} files")
+        for path in files:
+            yield from _file_rows(path)
+    else:
+        yield from _file_rows(source)
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _jsonl_rows(path)
+    elif name.endswith((".json", ".csv", ".parquet")):
+        builder = {"json": "json", "csv": "csv", "parquet": "parquet"}[name.rsplit(".", 1)[1]]
+        import datasets
+
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for unreadable files
+            raise UsageError(f"cannot read '{path}': {str(error).splitlines()[0]}") from None
+        for number, row in enumerate(table, 1):
+            yield f"{path}:row {number}", row
+    else:
+        raise UsageError(f"cannot read '{path}': expected one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(spec, split=split)
+    except Exception as error:  # offline, unknown id, bad split: all one line for the user
+        raise UsageError(f"cannot load data set '{spec}' from the hub: {str(error).splitlines()[0]}") from None
+    for number, row in enumerate(table, 1):
+        yield f"{spec}:row {number}", row
+
+
+def _stage_record_to_row(record: dict) -> dict:
+    """A generate/correct record read as data: its prompt and references, one row per example."""
+    return {"id": record.get("example_id", record["id"]), "prompt": record["prompt"], "output": record.get("references", [])}
+
+
+def _row_to_example(row: dict, index: int, where: str, config: DataConfig) -> Example:
+    prompt = row.get(config.prompt_field) if config.prompt_field else None
+    if prompt is None:
+        instruction = _field(row, config.instruction_field, INSTRUCTION_FIELDS, where, required=True)
+        context = _field(row, config.input_field, INPUT_FIELDS, where, required=False)
+        prompt = format_prompt(instruction, context or "", config)
+    output = _field(row, config.output_field, OUTPUT_FIELDS, where, required=False)
+    references = tuple(output) if isinstance(output, list) else ((output,) if output else ())
+    return Example(id=str(row.get("id", index)), prompt=prompt, references=references)
+
+
+def _field(row: dict, configured: str | None, candidates: tuple[str, ...], where: str, required: bool):
+    names = (configured,) if configured else candidates
+    for name in names:
+        if name in row:
+            return row[name]
+    if required:
+        raise UsageError(f"{where}: missing field '{names[0]}' (the row has: {', '.join(sorted(row)) or 'no fields'})")
+    return None
+
+
+def format_prompt(instruction: str, context: str, config: DataConfig) -> str:
+    """The instruction template of method.md section 6 (the with-input form when there is an input)."""
+    if context:
+        return config.template_with_input.format(instruction=instruction, input=context)
+    return config.template.format(instruction=instruction)
+
+
+def tokenize_prompts(examples: list[Example], tokenizer, max_prompt_length: int) -> list[PromptTokens]:
+    """Token ids of each prompt; prompts longer than the limit are dropped and counted in the log."""
+    encoded = tokenizer([example.prompt for example in examples], add_special_tokens=True)["input_ids"]
+    kept = [PromptTokens(example, tuple(ids)) for example, ids in zip(examples, encoded) if len(ids) <= max_prompt_length]
+    dropped = len(examples) - len(kept)
+    if dropped:
+        log.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(examples), max_prompt_length)
+    if not kept:
+        raise UsageError(f"every prompt is longer than the prompt-length limit of {max_prompt_length} tokens")
+    return kept

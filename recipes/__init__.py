@@ -1,0 +1,1 @@
+"""The shipped YAML recipes, installed as the package `mgsr_cli.recipes`."""
