@@ -83,6 +83,7 @@ class StageWriter:
         models: dict[str, str],
         tokenizer: str | None,
         overwrite: bool = False,
+        records_name: str = RECORDS,
     ) -> "StageWriter":
         """Start, resume or (with `overwrite`) restart the stage in `out_dir`.
 
@@ -119,18 +120,19 @@ class StageWriter:
             "inputs": inputs,
             "models": models,
             "tokenizer": tokenizer,
+            "records": records_name,
             "record_count": 0,
             "start_time": _now(),
             "end_time": None,
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / MANIFEST, manifest)
-        (out_dir / RECORDS).touch()
+        (out_dir / records_name).touch()
         return cls(out_dir, manifest)
 
     @property
     def records_path(self) -> Path:
-        return self.out_dir / RECORDS
+        return self.out_dir / self.manifest.get("records", RECORDS)
 
     def _drop_partial_last_line(self) -> None:
         """A crash mid-append can leave half a line: cut the file back to its last newline."""
@@ -185,7 +187,12 @@ def is_stage_dir(path: Path) -> bool:
 
 
 def read_stage(path: Path, stages: tuple[str, ...], tokenizer: str | None = None) -> tuple[dict, list[dict]]:
-    """The manifest and records of a complete stage output, checked before a later stage uses them.
+    """The manifest and records of a complete stage output, checked before a later stage uses them."""
+    return read_manifest(path, stages, tokenizer), list(iter_records(path / RECORDS))
+
+
+def read_manifest(path: Path, stages: tuple[str, ...], tokenizer: str | None = None) -> dict:
+    """The manifest of a complete output of one of `stages` (a one-line UsageError otherwise).
 
     `tokenizer` is the consumer's tokenizer fingerprint: token ids are only meaningful under
     the tokenizer that made them.
@@ -202,4 +209,4 @@ def read_stage(path: Path, stages: tuple[str, ...], tokenizer: str | None = None
             f"'{path}' was made with a different tokenizer (vocabulary {manifest.get('tokenizer')}, "
             f"this model's is {tokenizer}); its token ids cannot be reused"
         )
-    return manifest, list(iter_records(path / RECORDS))
+    return manifest

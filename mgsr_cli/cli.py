@@ -6,6 +6,7 @@ tables go to stderr. Bad input ends in one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from typer.core import TyperGroup
 
 from mgsr_cli import __version__
 from mgsr_cli.errors import UsageError
+from mgsr_cli.flags import distill_command
 
 
 class _OneLineErrors(TyperGroup):
@@ -38,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts say "[default: 1.0]" literally
 )
 
 OUT = typer.Option(..., "--out", help="Output directory (created; an unfinished run there is resumed).")
@@ -183,22 +186,81 @@ def correct(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model: hub id or local directory."),
     student: str = typer.Option(..., "--student", help="Student model: hub id or local directory."),
     out: Path = OUT,
+    divergence: Optional[str] = typer.Option(None, "--divergence", help="Token divergence d_i: fkl = KL(p||q) | rkl | js. [default: fkl]"),
+    teacher_token: Optional[str] = typer.Option(None, "--teacher-token", help="Teacher proposal: sample from p_i | argmax. [default: sample]"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Corrections per sequence, each after the last one. [default: 1]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Re-generation temperature; 0 is greedy. [default: the input's]"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Re-generation nucleus mass. [default: the input's]"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Re-generation top-k; 0 is off. [default: the input's]"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Response budget after revision. [default: the input's]"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Prompt + revised response at most. [default: the input's]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of teacher proposals and re-generation. [default: 0]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per batch. [default: 8]"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """SCRG: find where teacher and student disagree most, put the teacher's token there, let the student re-generate the rest."""
-    raise UsageError("correct is not implemented yet")
+    from mgsr_cli.scrg import correct_config, run_correct
+
+    config = correct_config(
+        input,
+        teacher,
+        student,
+        _given(
+            scrg__divergence=divergence,
+            scrg__teacher_token=teacher_token,
+            scrg__rounds=rounds,
+            scrg__sampling__temperature=temperature,
+            scrg__sampling__top_p=top_p,
+            scrg__sampling__top_k=top_k,
+            scrg__sampling__max_new_tokens=max_new_tokens,
+            scrg__sampling__max_length=max_length,
+            seed=seed,
+            batch_size=batch_size,
+            loading__dtype=dtype,
+            loading__device=device,
+            loading__trust_remote_code=trust_remote_code,
+        ),
+    )
+    _finish(run_correct(config, input, out, overwrite))
 
 
-@app.command()
-def distill(
-    teacher: str = typer.Option(..., "--teacher", help="Teacher model: hub id or local directory."),
-    student: str = typer.Option(..., "--student", help="Student model: hub id or local directory."),
-    out: Path = OUT,
-    data: Optional[str] = typer.Option(None, "--data", help="Training data (default: shipped Dolly train)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (see recipes/)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-) -> None:
-    """Train the student: L = L_SFT + L_DAC-KL + L_span with SCRG-revised student outputs, or any baseline recipe."""
-    raise UsageError("distill is not implemented yet")
+def _distill(**flags: Any) -> None:
+    """Train the student: L = L_SFT + L_DAC-KL + L_span on SCRG-revised student outputs (MGSR), or any baseline recipe.
+
+    Every recipe key is also a flag (nested keys joined by '-'); flags override the recipe.
+    """
+    from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
+    from mgsr_cli.train import run_distill
+
+    out, recipe = flags.pop("out"), flags.pop("recipe")
+    resume, overwrite = flags.pop("resume"), flags.pop("overwrite")
+    loss_options = flags.pop("loss_options")
+    config = load_recipe(DistillConfig, recipe_path(recipe)) if recipe else DistillConfig()
+    changes = _given(**flags)
+    if loss_options:
+        changes["loss_options"] = {**config.loss_options, **_key_values(loss_options, "--loss-option")}
+    config = override(config, changes)
+    result = run_distill(config, out, resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line on stdout, also under accelerate launch
+        _finish(result)
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    import yaml
+
+    pairs = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got '{item}'")
+        pairs[key] = yaml.safe_load(value)
+    return pairs
+
+
+app.command("distill", help=_distill.__doc__)(distill_command(_distill))
 
 
 @app.command("build-tiny")

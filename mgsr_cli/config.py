@@ -29,19 +29,26 @@ PROMPT_TEMPLATE_WITH_INPUT = (
 EVALUATION_SEEDS = (10, 20, 30, 40, 50)
 
 
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a help text (shown by `mgsr distill --help`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class DataConfig:
     """How rows become prompts. Field names left empty are detected (instruction; input/context;
     output/response); a row with a ready `prompt_field` uses it as is."""
 
-    prompt_field: str | None = "prompt"
-    instruction_field: str | None = None
-    input_field: str | None = None
-    output_field: str | None = None
-    template: str = PROMPT_TEMPLATE
-    template_with_input: str = PROMPT_TEMPLATE_WITH_INPUT
-    max_prompt_length: int = 256
-    split: str = "train"
+    prompt_field: str | None = _help("Field holding a ready prompt (used as is when present).", "prompt")
+    instruction_field: str | None = _help("Instruction field; empty = detect 'instruction'.", None)
+    input_field: str | None = _help("Input/context field; empty = detect 'input' or 'context'.", None)
+    output_field: str | None = _help("Reference field; empty = detect 'output' or 'response'.", None)
+    template: str = _help("Prompt template without input ({instruction}).", PROMPT_TEMPLATE)
+    template_with_input: str = _help("Prompt template with input ({instruction}, {input}).", PROMPT_TEMPLATE_WITH_INPUT)
+    max_prompt_length: int = _help("Longer prompts are dropped (and counted).", 256)
+    split: str = _help("Split of a hub data set.", "train")
 
 
 @dataclass
@@ -52,11 +59,11 @@ class SamplingConfig:
     max_new_tokens None fills each prompt up to max_length tokens.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int | None = None
-    max_length: int = 512
+    temperature: float = _help("Sampling temperature; 0 = greedy.", 1.0)
+    top_p: float = _help("Nucleus mass; 1 = off.", 1.0)
+    top_k: int = _help("Top-k; 0 = off.", 0)
+    max_new_tokens: int | None = _help("New tokens per response; empty = up to max_length.", None)
+    max_length: int = _help("Prompt + response tokens at most.", 512)
 
 
 @dataclass
@@ -88,6 +95,33 @@ class EvaluateConfig:
     batch_size: int = 16
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data_format: DataConfig = field(default_factory=DataConfig)
+    loading: ModelLoading = field(default_factory=ModelLoading)
+
+
+@dataclass
+class ScrgOptions:
+    """SCRG (method.md section 1): how the error position and the teacher's token are chosen, and
+    how the student re-generates after it (`sampling`: decoding and token budget).
+
+    rounds > 1 repeats the correction on the re-generated suffix (positions after the last j).
+    """
+
+    divergence: Literal["fkl", "rkl", "js"] = "fkl"
+    teacher_token: Literal["sample", "argmax"] = "sample"
+    rounds: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class CorrectConfig:
+    """The `correct` stage. The CLI starts `scrg.sampling` from the generation config recorded
+    in the input's manifest."""
+
+    teacher: str = ""
+    student: str = ""
+    batch_size: int = 8
+    seed: int = 0
+    scrg: ScrgOptions = field(default_factory=ScrgOptions)
     loading: ModelLoading = field(default_factory=ModelLoading)
 
 
@@ -129,6 +163,20 @@ def override(config: Any, changes: dict, where: str = "flags") -> Any:
     return dataclasses.replace(config, **updates)
 
 
+def recipe_path(name: str | Path) -> Path:
+    """A shipped recipe by name (`mgsr`, `kd`, ...) or a YAML file by path."""
+    from importlib import resources
+
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        return candidate
+    shipped = resources.files("mgsr_cli.recipes") / f"{name}.yaml"
+    if not shipped.is_file():
+        names = sorted(entry.name[:-5] for entry in resources.files("mgsr_cli.recipes").iterdir() if entry.name.endswith(".yaml"))
+        raise UsageError(f"unknown recipe '{name}': give a YAML path or one of {', '.join(names)}")
+    return Path(str(shipped))
+
+
 def load_recipe(cls: type, path: Path) -> Any:
     """A config of type `cls` from a YAML recipe file."""
     import yaml
@@ -147,7 +195,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
             return None
         errors = []
         for option in (arg for arg in args if arg is not type(None)):
@@ -166,6 +214,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{where}: expected a list, got {value!r}")
         return [_coerce(item, args[0], where) for item in value] if args else list(value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: expected a mapping of KEY: VALUE, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(annotation):
         return value if isinstance(value, annotation) else from_dict(annotation, value, where)
     if annotation is bool:
@@ -187,3 +239,82 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise UsageError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+@dataclass
+class LoraOptions:
+    enabled: bool = _help("Train LoRA adapters on the student instead of all weights (needs peft).", False)
+    r: int = _help("LoRA rank.", 16)
+    alpha: int = _help("LoRA alpha.", 64)
+    dropout: float = _help("LoRA dropout.", 0.1)
+    target_modules: list[str] = _help("Module names to adapt; empty = peft's default for the architecture.", factory=list)
+
+
+@dataclass
+class DistillConfig:
+    """Every knob of `mgsr distill`; recipes set them in YAML, flags override them.
+
+    Defaults are the MGSR method of method.md (sections 4 and 7): L = sft + dac_kl + span,
+    adaptive off-policy SGO revised by SCRG, AdamW lr 5e-4 (GPT-2 scale) with cosine decay.
+    """
+
+    teacher: str = _help("Teacher model: hub id or local directory.", "")
+    student: str = _help("Student model: hub id or local directory.", "")
+    data: str = _help("Training data (anything --data takes); ground truth for L_SFT.", "dolly_train")
+    dev_data: str | None = _help("Validation data; empty switches validation off.", "dolly_dev")
+    limit: int | None = _help("Use only the first N training examples.", None)
+    dev_limit: int | None = _help("Use only the first N validation examples (loss).", 200)
+    data_format: DataConfig = _help("How rows become prompts.", factory=DataConfig)
+    max_length: int = _help("Prompt + response tokens at most (longer responses are cut).", 512)
+
+    loss: str = _help("Loss spec: a registry name or a weighted sum (e.g. 'sft=1,dac_kl=1,span=1').", "sft=1,dac_kl=1,span=1")
+    loss_options: dict = _help("Options of the loss terms (dac_*, span_relation, rank_on, ...), as KEY=VALUE.", factory=dict)
+    temperature: float = _help("Distillation temperature (divides teacher and student logits; not sft).", 1.0)
+    span_prior: str = _help("How spans are found: phrases | words | fixed:N | spacy.", "phrases")
+    span_pairs: Literal["adjacent", "all"] = _help("Token pairs inside a span the span loss compares.", "adjacent")
+    sft_on_sgo: bool = _help("Compute sft on the student-generated batch instead of the ground truth (SeqKD).", False)
+    chunk_size: int = _help("Response positions projected through the output layer at a time.", 512)
+
+    sgo_policy: str = _help(
+        "Where distillation batches come from: none | on_policy | mixed:LAMBDA | adaptive_off_policy | static | once.",
+        "adaptive_off_policy",
+    )
+    sgo_model: Literal["student", "teacher", "both"] = _help("Who samples the generated outputs.", "student")
+    sgo_data: str | None = _help("For static: a generate/correct output directory holding the SGO.", None)
+    sgo_sampling: SamplingConfig = _help("Sampling of generated outputs during training.", factory=SamplingConfig)
+    scrg: bool = _help("Revise generated outputs with SCRG before training on them.", True)
+    scrg_divergence: Literal["fkl", "rkl", "js"] = _help("SCRG token divergence d_i.", "fkl")
+    scrg_teacher_token: Literal["sample", "argmax"] = _help("SCRG teacher proposal at the error position.", "sample")
+    scrg_rounds: int = _help("SCRG corrections per sequence.", 1)
+    replay_capacity: int = _help("Adaptive off-policy replay buffer size (sequences).", 1000)
+    theta_init: float = _help("Adaptive off-policy initial SGO probability θ.", 0.0)
+    theta_step: float = _help("θ increase when the validation loss rises.", 0.1)
+    theta_threshold: float = _help("Validation-loss rise that raises θ.", 0.1)
+
+    epochs: int | None = _help("Training epochs; empty = 20 below 1B student parameters, 10 above (method.md §7).", None)
+    max_steps: int | None = _help("Stop after N optimizer steps (overrides epochs).", None)
+    batch_size: int = _help("Sequences per optimizer step (global, over all processes).", 8)
+    grad_accum: int = _help("Micro-batches per optimizer step (batch_size must divide evenly).", 1)
+    lr: float | None = _help("Peak learning rate; empty = 5e-4 below 1B student parameters, 5e-5 above.", None)
+    min_lr: float = _help("Cosine schedule floor.", 1e-7)
+    warmup_steps: int = _help("Linear warmup steps.", 0)
+    weight_decay: float = _help("AdamW weight decay.", 0.01)
+    dac_lr: float = _help("Learning rate of DAC-KL's sub-network (own param group).", 1e-4)
+    grad_clip: float = _help("Gradient norm clip (0 = off).", 1.0)
+    disable_dropout: bool = _help("Switch dropout off in the student (deterministic steps, as TRL's GKD).", True)
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
+    lora: LoraOptions = _help("LoRA on the student.", factory=LoraOptions)
+
+    eval_every: int = _help("Validate every N steps (0 = only at the end).", 200)
+    eval_rouge: bool = _help("Also sample on the dev set and score ROUGE-L; the best step is kept.", False)
+    eval_rouge_examples: int = _help("Dev prompts sampled for validation ROUGE-L.", 1000)
+    eval_sampling: SamplingConfig = _help("Sampling for validation ROUGE-L.", factory=SamplingConfig)
+    save_every: int = _help("Checkpoint every N steps (0 = only at the end / on interrupt).", 200)
+    keep_checkpoints: int = _help("Checkpoints kept on disk.", 2)
+    log_every: int = _help("Write metrics every N steps.", 10)
+    seed: int = _help("Seed of data order, sampling and initialisation.", 42)
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.", "auto")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Teacher weights' precision.", "auto")
+    device: str = _help("auto | cpu | cuda (under accelerate launch each process takes its own GPU).", "auto")
+    trust_remote_code: bool = _help("Allow model code from the hub.", False)

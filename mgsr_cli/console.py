@@ -22,7 +22,7 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    for noisy in ("transformers", "datasets", "accelerate", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
