@@ -275,6 +275,23 @@ def build_tiny(
     _finish(out)
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("mgsr-demo"), "--out", help="Directory for every stage's artifacts."),
+    quick: bool = typer.Option(False, "--quick", help="A few steps per stage: checks the pipeline in about 2 minutes, not the results."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """The main job on the embedded default: tiny GPT-2 pair -> SFT -> generate -> correct -> distill (MGSR) -> evaluate.
+
+    A re-run continues after the last complete stage; the final table compares the student
+    before and after distillation with the teacher (ROUGE-L).
+    """
+    from mgsr_cli.pipeline import DemoSize, run_demo
+
+    size = DemoSize(teacher_sft_steps=4, student_sft_steps=2, train_examples=16, distill_steps=3, response_tokens=8, eval_examples=4) if quick else DemoSize()
+    _finish(run_demo(out, size, overwrite))
+
+
 def main() -> None:
     app()
 

@@ -111,6 +111,28 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> str:
+    """The shared tokenizer fingerprint: token ids must mean the same to teacher and student.
+
+    Compares the vocabulary mapping (not the class name); a one-line UsageError names the
+    sizes and the first differing tokens otherwise.
+    """
+    fingerprint = tokenizer_fingerprint(student_tokenizer)
+    if tokenizer_fingerprint(teacher_tokenizer) == fingerprint:
+        return fingerprint
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: (item[1], item[0]))
+    first = []
+    for token in dict.fromkeys(token for token, _ in differing):
+        first.append(f"{token!r} is {teacher_vocab.get(token)} in the teacher and {student_vocab.get(token)} in the student")
+        if len(first) == 3:
+            break
+    raise UsageError(
+        f"teacher and student do not share a vocabulary (the teacher has {len(teacher_vocab)} tokens, "
+        f"the student {len(student_vocab)}; {'; '.join(first)}); distillation compares their distributions token by token"
+    )
+
+
 @dataclass(frozen=True)
 class TinySize:
     """The shape of one embedded tiny GPT-2 model."""

@@ -43,7 +43,7 @@ from mgsr_cli.console import console, progress_bar
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import check_head_matches_forward, hidden_states, project
 from mgsr_cli.kv_cache import select_positions
-from mgsr_cli.models import eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype, tokenizer_fingerprint
+from mgsr_cli.models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 from mgsr_cli.sampling import (
     Continuations,
     batch_seed,
@@ -380,27 +380,13 @@ def correct_config(input_dir: Path, teacher: str, student: str, changes: dict) -
     return override(CorrectConfig(teacher=teacher, student=student, scrg=ScrgOptions(sampling=sampling)), changes)
 
 
-def check_shared_vocabulary(teacher_tokenizer, student_tokenizer) -> str:
-    """The common tokenizer fingerprint; a one-line UsageError naming the difference otherwise."""
-    fingerprint = tokenizer_fingerprint(student_tokenizer)
-    if tokenizer_fingerprint(teacher_tokenizer) == fingerprint:
-        return fingerprint
-    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    if len(teacher_vocab) != len(student_vocab):
-        difference = f"the teacher has {len(teacher_vocab)} tokens, the student {len(student_vocab)}"
-    else:
-        token = min(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[0]
-        difference = f"token {token!r} is {teacher_vocab.get(token)} in the teacher and {student_vocab.get(token)} in the student"
-    raise UsageError(f"teacher and student do not share a vocabulary ({difference}); SCRG compares their distributions token by token")
-
-
 def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Write `out_dir` with one corrected record per input record; resumes an unfinished run."""
     if config.scrg.rounds < 1 or config.batch_size < 1:
         raise UsageError("--rounds and --batch-size must be at least 1")
     trust = config.loading.trust_remote_code
     tokenizer = load_tokenizer(config.student, trust)
-    fingerprint = check_shared_vocabulary(load_tokenizer(config.teacher, trust), tokenizer)
+    fingerprint = check_same_vocabulary(load_tokenizer(config.teacher, trust), tokenizer)
     _, records = read_stage(input_dir, INPUT_STAGES, tokenizer=fingerprint)
     device = resolve_device(config.loading.device)
     dtype = resolve_dtype(config.loading.dtype, device)

@@ -35,7 +35,7 @@ from mgsr_cli.data import load_examples, resolve_source
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import HeadLossInputs, check_head_matches_forward, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
-from mgsr_cli.models import eos_token_ids, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from mgsr_cli.models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from mgsr_cli.sampling import batch_seed, make_generator, sample
 from mgsr_cli.sgo import Policy, SgoMaker, SgoState, choose_source, remember, replay, step_random, update_theta
 
@@ -132,23 +132,6 @@ def build_objectives(config: DistillConfig) -> Objectives:
 
 
 # ---------------------------------------------------------------- setup
-
-
-def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
-    """Token ids must mean the same thing to both models; name the first differences if not."""
-    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    if teacher_vocab == student_vocab:
-        return
-    differences = []
-    for token in sorted(set(teacher_vocab) | set(student_vocab), key=lambda t: (teacher_vocab.get(t, 1 << 40), t)):
-        if teacher_vocab.get(token) != student_vocab.get(token):
-            differences.append(f"{token!r}: teacher {teacher_vocab.get(token)}, student {student_vocab.get(token)}")
-        if len(differences) == 3:
-            break
-    raise UsageError(
-        f"teacher and student tokenizers differ ({len(teacher_vocab)} vs {len(student_vocab)} tokens; "
-        f"first differences: {'; '.join(differences)}); distillation needs one vocabulary"
-    )
 
 
 def check_lengths(model, name: str, max_length: int) -> None:
@@ -252,8 +235,9 @@ class Distillation:
         self.policy = Policy.parse(config.sgo_policy)
         self.objectives = build_objectives(config)
         self.combined = self.objectives.combined()
+        self._load_tokenizers()
+        self._load_data()  # before the models: bad data fails fast
         self._load_models()
-        self._load_data()
         self.lr, self.total_steps = resolve_schedule(config, self.student, len(self.train_sequences))
         if self.total_steps < 1:
             raise UsageError("nothing to train: zero steps (check --max-steps / epochs and the data)")
@@ -276,25 +260,37 @@ class Distillation:
         dtype = resolve_dtype(self.config.dtype, torch.device("cuda"))
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
-    def _load_models(self) -> None:
+    def _load_tokenizers(self) -> None:
         config = self.config
         if not config.teacher or not config.student:
             raise UsageError("distill needs --teacher and --student")
         self.tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-        teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
-        check_same_vocabulary(teacher_tokenizer, self.tokenizer)
+        check_same_vocabulary(load_tokenizer(config.teacher, config.trust_remote_code), self.tokenizer)
         self.vocab_size = len(self.tokenizer)
+
+    def _load_models(self) -> None:
+        config = self.config
         self.student = load_model(config.student, torch.float32, self.device, config.trust_remote_code)
-        teacher_dtype = resolve_dtype(config.teacher_dtype, self.device)
-        self.teacher = load_model(config.teacher, teacher_dtype, self.device, config.trust_remote_code)
-        self.teacher.requires_grad_(False)
+        self.teacher = None
+        if self._uses_teacher_model():
+            teacher_dtype = resolve_dtype(config.teacher_dtype, self.device)
+            self.teacher = load_model(config.teacher, teacher_dtype, self.device, config.trust_remote_code)
+            self.teacher.requires_grad_(False)
         for model, name in ((self.student, "student"), (self.teacher, "teacher")):
+            if model is None:
+                continue
             if model.get_output_embeddings().weight.shape[0] < self.vocab_size:
                 raise UsageError(f"the {name}'s output layer has fewer rows than the tokenizer's {self.vocab_size} tokens")
             check_lengths(model, name, config.max_length)
             check_head_matches_forward(model, self.vocab_size)
         self.eos_ids = eos_token_ids(self.student, self.tokenizer)
         prepare_student(self.student, config)
+        self.sgo_maker = SgoMaker(config, self.student, self.teacher, self.tokenizer, self.eos_ids, self.vocab_size, self._span_settings())
+
+    def _uses_teacher_model(self) -> bool:
+        """False for pure SFT on the ground truth: the teacher's weights are then never read."""
+        samples_with_teacher = self.policy.generates and (self.config.scrg or self.config.sgo_model != "student")
+        return self.objectives.needs_teacher or samples_with_teacher
 
     def _span_settings(self) -> SpanSettings | None:
         uses_span = self.objectives.distill is not None and self.objectives.distill.has_pair_terms
@@ -314,7 +310,6 @@ class Distillation:
             else []
         )
         self.static_pool = self._load_static(spans) if self.policy.kind == "static" else {}
-        self.sgo_maker = SgoMaker(config, self.student, self.teacher, self.tokenizer, self.eos_ids, self.vocab_size, spans)
 
     def _load_static(self, spans: SpanSettings | None) -> dict[str, list[Sequence]]:
         if not self.config.sgo_data:
@@ -323,7 +318,7 @@ class Distillation:
         read_manifest(path, ("generate", "correct"), tokenizer_fingerprint(self.tokenizer))
         pool: dict[str, list[Sequence]] = {}
         for record in iter_records(path / "records.jsonl"):
-            sequence = make_sequence(record["example_id"], record["prompt_ids"], record["response_ids"] or self.eos_ids[:1], self.tokenizer, spans)
+            sequence = make_sequence(record["example_id"], record["prompt_ids"], record["response_ids"] or [self.tokenizer.eos_token_id], self.tokenizer, spans)
             pool.setdefault(record["example_id"], []).append(sequence)
         covered = sum(1 for sequence in self.train_sequences if sequence.example_id in pool)
         if covered == 0:

@@ -13,7 +13,8 @@ from mgsr_cli.heads import backbone, hidden_states
 from mgsr_cli.models import load_model
 from mgsr_cli.losses.divergences import ForwardKL, JensenShannon, ReverseKL
 from mgsr_cli.sampling import continue_sampling, forward_step, left_pad, make_generator, position_ids_from_mask, sample
-from mgsr_cli.scrg import check_shared_vocabulary, correct_sequences, eligible_end, first_disagreements, regenerate, token_divergence
+from mgsr_cli.models import check_same_vocabulary
+from mgsr_cli.scrg import correct_sequences, eligible_end, first_disagreements, regenerate, token_divergence
 
 EOS = 50256
 VOCAB = 50257
@@ -207,7 +208,7 @@ def test_second_round_corrects_only_the_regenerated_suffix(base_dir):
 def test_a_different_vocabulary_is_a_one_line_error(gpt2_tokenizer):
     other = copy.deepcopy(gpt2_tokenizer)
     other.add_tokens(["<extra_token>"])
-    assert check_shared_vocabulary(gpt2_tokenizer, copy.deepcopy(gpt2_tokenizer))
+    assert check_same_vocabulary(gpt2_tokenizer, copy.deepcopy(gpt2_tokenizer))
     with pytest.raises(UsageError, match="do not share a vocabulary.*50257 tokens, the student 50258") as error:
-        check_shared_vocabulary(gpt2_tokenizer, other)
+        check_same_vocabulary(gpt2_tokenizer, other)
     assert "\n" not in str(error.value)
