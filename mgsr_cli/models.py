@@ -53,16 +53,24 @@ def _check_exists(name: str, what: str) -> None:
         raise UsageError(f"{what} '{name}' not found: no such directory")
 
 
+def _resolve(name: str) -> str:
+    """A local directory (a `distill` output stands for its trained student) or a hub id."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    manifest = path / "manifest.json"
+    if manifest.exists() and '"stage": "distill"' in manifest.read_text(encoding="utf-8"):
+        return str(path / "student")
+    return str(path)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "left"):
     """A tokenizer with a pad token (EOS for GPT-2-style vocabularies that have none)."""
     from transformers import AutoTokenizer
 
     _check_exists(name, "tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(name).expanduser()) if Path(name).expanduser().exists() else name,
-            trust_remote_code=trust_remote_code,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(_resolve(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load tokenizer '{name}': {_first_line(error)}") from None
     if tokenizer.pad_token is None:
@@ -78,13 +86,8 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote
     from transformers import AutoModelForCausalLM
 
     _check_exists(name, "model")
-    path = Path(name).expanduser()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path) if path.exists() else name,
-            trust_remote_code=trust_remote_code,
-            **_dtype_kwarg(dtype),
-        )
+        model = AutoModelForCausalLM.from_pretrained(_resolve(name), trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"cannot load model '{name}': {_first_line(error)}") from None
     return model.to(device).eval()

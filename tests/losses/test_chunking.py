@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -87,7 +89,7 @@ def test_plan_never_splits_random_pairs():
         chunk_size = int(torch.randint(1, 8, (1,), generator=generator))
         chunks = plan_chunks(num_rows, chunk_size, pairs)
         assert chunks[0][0] == 0 and chunks[-1][1] == num_rows
-        assert all(previous[1] == following[0] for previous, following in zip(chunks, chunks[1:]))
+        assert all(previous[1] == following[0] for previous, following in itertools.pairwise(chunks))
         assert all(end - start >= min(chunk_size, num_rows - start) for start, end in chunks)
         for first, second in pairs.tolist():
             assert any(start <= min(first, second) and max(first, second) < end for start, end in chunks)

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from mgsr_cli.losses import Rows, build_loss
-from mgsr_cli.losses import divergences
+from mgsr_cli.losses import Rows, build_loss, divergences
 from mgsr_cli.losses.divergences import (
     AdaptiveKL,
     CrossEntropy,
