@@ -163,6 +163,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                     terms[name] = terms.get(name, 0) + value
                 for name, value in score.stats.items():
                     stats[name] = stats.get(name, 0) + value
+                # Drop this chunk's [rows, V] logits now: otherwise they stay referenced while the
+                # next chunk's are built, and two chunks of logits are alive at once.
+                del student_logits, teacher_logits, rows, score
         inputs.score = HeadScore(torch.cat(per_token) if per_token else hidden.new_zeros(0), terms, stats)
         ctx.save_for_backward(*[grad if grad is not None else torch.empty(0) for grad in gradients])
         ctx.has_gradient = [grad is not None for grad in gradients]

@@ -124,7 +124,9 @@ def build_objectives(config: DistillConfig) -> Objectives:
             return build_loss(text, temperature=config.temperature, **config.loss_options)
 
         sft = build([item for item in specs if item.name == "sft"])
-        distill = build([item for item in specs if item.name != "sft"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the DAC sub-network's initial weights: part of the run's seed
+            distill = build([item for item in specs if item.name != "sft"])
         build_loss(config.loss, temperature=config.temperature, **config.loss_options)  # validates every option
     except ValueError as error:
         raise UsageError(f"loss '{config.loss}': {error}") from None

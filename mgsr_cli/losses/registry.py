@@ -36,16 +36,22 @@ from .ranking import RankLoss
 
 LOSS_NAMES = ("sft", "fkl", "kd", "rkl", "skl", "srkl", "gjsd", "js", "tvd", "akl", "rank", "dac_kl", "span")
 PARAM_DEFAULTS: dict[str, float | int] = {"skl": 0.1, "srkl": 0.1, "gjsd": 0.5, "akl": 0.5, "rank": 5}
-# method.md's DAC-KL options; DacKL's constructor may take more (see term_options)
+# DacKL's constructor options (method.md's and the reconstructed ones); see term_options
 DAC_OPTIONS = (
     "dac_input",
+    "dac_hidden",
+    "dac_top",
     "dac_quantile_space",
     "dac_mode",
     "dac_components",
     "dac_fixed_quantiles",
     "dac_normalize",
+    "dac_kappa",
+    "dac_l_min",
+    "dac_l_max",
     "dac_coverage_rho",
     "dac_coverage_weight",
+    "dac_target",
 )
 # Read when batches are built (mgsr_cli/spans.py), not by the loss; accepted and ignored here.
 BATCH_OPTIONS = ("span_prior", "span_pairs")

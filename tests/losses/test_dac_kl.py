@@ -3,6 +3,7 @@ the target entry, the coverage guard and numerical edge cases."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -11,6 +12,10 @@ import torch
 
 from mgsr_cli.losses.base import Rows
 from mgsr_cli.losses.dac_kl import DacKL
+from mgsr_cli.losses.registry import DAC_OPTIONS, build_loss
+
+# the guard's default weight, read from the signature so the reference follows the default
+DEFAULT_COVERAGE_WEIGHT = inspect.signature(DacKL).parameters["dac_coverage_weight"].default
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +127,8 @@ def reference_row(
     guard = (
         0.0
         if fixed
-        else options.get("dac_coverage_weight", 0.1) * max(0.0, options.get("dac_coverage_rho", 0.5) - band_mass) ** 2
+        else options.get("dac_coverage_weight", DEFAULT_COVERAGE_WEIGHT)
+        * max(0.0, options.get("dac_coverage_rho", 0.5) - band_mass) ** 2
     )
     return {
         "value": kl + guard,
@@ -333,13 +339,15 @@ def test_target_class_counts_even_outside_the_band():
 # ---------------------------------------------------------------- the coverage guard
 
 
-def train_f_sub(coverage_weight: float, steps: int = 40) -> list[float]:
-    """Minimise DAC-KL over f_sub alone (student fixed); return the band mass per step."""
+def train_f_sub(guarded: bool, steps: int = 40) -> list[float]:
+    """Minimise DAC-KL over f_sub alone (student fixed), with the guard at its default weight
+    or off; return the band mass per step."""
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(16, 64, generator=generator) * 4.0
     student = teacher + torch.randn(16, 64, generator=generator) * 0.3
     torch.manual_seed(0)
-    module = DacKL(dac_hidden=16, dac_coverage_weight=coverage_weight, dac_coverage_rho=0.5)
+    guard = {} if guarded else {"dac_coverage_weight": 0.0}
+    module = DacKL(dac_hidden=16, dac_coverage_rho=0.5, **guard)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
     masses = []
     for _ in range(steps):
@@ -352,11 +360,22 @@ def train_f_sub(coverage_weight: float, steps: int = 40) -> list[float]:
 
 
 def test_coverage_guard_stops_the_band_collapsing():
-    unguarded = train_f_sub(coverage_weight=0.0)
-    guarded = train_f_sub(coverage_weight=10.0)
+    unguarded = train_f_sub(guarded=False)
+    guarded = train_f_sub(guarded=True)
     assert unguarded[0] > 0.5 and guarded[0] > 0.5  # both start with more than rho in the band
     assert unguarded[-1] < 0.35  # without the guard, shrinking the band is the easy way to a small KL
     assert min(guarded) > 0.45 and guarded[-1] > 0.45
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_build_loss_accepts_every_constructor_option():
+    objective = build_loss("dac_kl", dac_kappa=0.2, dac_top=128, dac_hidden=64)
+    module = objective.term_modules["dac_kl"]
+    assert (module.kappa, module.top, module.f_sub.layers[0].out_features) == (0.2, 128, 64)
+    # the registry's list, used before dac_kl.py could be imported, names them all too
+    assert set(DAC_OPTIONS) == set(inspect.signature(DacKL).parameters)
 
 
 # ---------------------------------------------------------------- basic properties and edge cases
@@ -409,6 +428,8 @@ def test_no_nan_with_masked_vocabulary_and_low_precision(options, dtype):
         {"dac_input": "logits"},
         {"dac_target": "ground_truth"},
         {"dac_fixed_quantiles": [0.9, 0.5]},
+        {"dac_fixed_quantiles": "0.5"},
+        {"dac_fixed_quantiles": "a,b"},
         {"dac_kappa": 0.0},
         {"dac_l_min": 0.9, "dac_l_max": 0.5},
     ],
@@ -416,6 +437,10 @@ def test_no_nan_with_masked_vocabulary_and_low_precision(options, dtype):
 def test_invalid_options_raise(options):
     with pytest.raises(ValueError):
         DacKL(**options)
+
+
+def test_fixed_quantiles_from_command_line_text():
+    assert DacKL(dac_fixed_quantiles="0.3,0.9").fixed_quantiles == (0.3, 0.9)
 
 
 def test_fixed_quantiles_have_no_parameters_and_no_guard():
