@@ -124,7 +124,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         differentiable = [hidden, weight, bias, *parameters]
         wants = [inputs.compute_gradients and tensor is not None and tensor.requires_grad for tensor in differentiable]
         gradients = [torch.zeros_like(tensor) if want else None for tensor, want in zip(differentiable, wants)]
-        from mgsr_cli.losses import Rows, plan_chunks
+        from mgsr_cli.losses import Rows, pairs_within, plan_chunks
 
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         per_token, terms, stats = [], {}, {}
@@ -144,7 +144,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     student_logits,
                     teacher_logits,
                     inputs.targets[start:end] if inputs.targets is not None else None,
-                    _pairs_in(inputs.pairs, start, end),
+                    pairs_within(inputs.pairs, start, end),
                 )
                 score = inputs.objective.score_rows(rows, inputs.token_count, inputs.pair_count)
                 leaves = [rows_hidden, leaf_weight, leaf_bias, *parameters]
@@ -182,10 +182,3 @@ def _apply_head(model, hidden: Tensor, weight: Tensor, bias: Tensor | None, voca
     logits = F.linear(hidden, weight[:vocab_size], bias[:vocab_size] if bias is not None else None)
     return _post_process(model, logits)
 
-
-def _pairs_in(pairs: Tensor | None, start: int, end: int) -> Tensor | None:
-    """Pairs with both rows in [start, end), re-indexed to the chunk (plan_chunks never splits one)."""
-    if pairs is None:
-        return None
-    inside = (pairs[:, 0] >= start) & (pairs[:, 0] < end)
-    return pairs[inside] - start

@@ -7,7 +7,7 @@ base.py for the row interface every term implements.
 from __future__ import annotations
 
 from .base import LossOutput, Rows, Term, TermOutput
-from .registry import LOSS_NAMES, Objective, RowScore, build_loss, parse_spec, plan_chunks
+from .registry import LOSS_NAMES, Objective, RowScore, build_loss, pairs_within, parse_spec, plan_chunks
 
 __all__ = [
     "LOSS_NAMES",
@@ -18,6 +18,7 @@ __all__ = [
     "Term",
     "TermOutput",
     "build_loss",
+    "pairs_within",
     "parse_spec",
     "plan_chunks",
 ]

@@ -237,8 +237,8 @@ def _pair_reach(num_rows: int, pairs: Tensor | None) -> list[int]:
     return furthest.cummax(dim=0).values.tolist()
 
 
-def _pairs_within(pairs: Tensor | None, start: int, end: int) -> Tensor | None:
-    """The pairs whose rows both lie in [start, end), re-indexed to the chunk."""
+def pairs_within(pairs: Tensor | None, start: int, end: int) -> Tensor | None:
+    """The pairs whose rows both lie in [start, end), re-indexed to the chunk (`plan_chunks` never splits one)."""
     if pairs is None:
         return None
     inside = (pairs.min(dim=1).values >= start) & (pairs.max(dim=1).values < end)
@@ -375,7 +375,7 @@ class Objective(nn.Module):
         target_chunks = rows.targets.split(lengths) if rows.targets is not None else [None] * len(chunks)
         scores = []
         for (start, end), student, teacher, targets in zip(chunks, student_chunks, teacher_chunks, target_chunks):
-            chunk = Rows(student, teacher, targets, _pairs_within(rows.pairs, start, end))
+            chunk = Rows(student, teacher, targets, pairs_within(rows.pairs, start, end))
             scores.append(checkpoint(self.score_rows, chunk, token_count, pair_count, use_reentrant=False))
         return scores
 
