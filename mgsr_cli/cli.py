@@ -87,6 +87,23 @@ def _given(**flags: Any) -> dict:
     return changes
 
 
+def _sampling_and_loading(
+    max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+) -> dict:
+    """The sampling, prompt-length and model-loading flags that `generate` and `evaluate` share, for `_given`."""
+    return dict(
+        sampling__max_new_tokens=max_new_tokens,
+        sampling__temperature=temperature,
+        sampling__top_p=top_p,
+        sampling__top_k=top_k,
+        sampling__max_length=max_length,
+        data_format__max_prompt_length=max_prompt_length,
+        loading__dtype=dtype,
+        loading__device=device,
+        loading__trust_remote_code=trust_remote_code,
+    )
+
+
 def _finish(out: Path) -> None:
     """The one line on stdout: the output directory, for shell pipelines."""
     typer.echo(str(out))
@@ -123,15 +140,9 @@ def generate(
             batch_size=batch_size,
             num_samples=num_samples,
             seed=seed,
-            sampling__max_new_tokens=max_new_tokens,
-            sampling__temperature=temperature,
-            sampling__top_p=top_p,
-            sampling__top_k=top_k,
-            sampling__max_length=max_length,
-            data_format__max_prompt_length=max_prompt_length,
-            loading__dtype=dtype,
-            loading__device=device,
-            loading__trust_remote_code=trust_remote_code,
+            **_sampling_and_loading(
+                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+            ),
         ),
     )
     _finish(run_generate(config, out, overwrite))
@@ -166,15 +177,9 @@ def evaluate(
             seeds=seeds,
             limit=limit,
             batch_size=batch_size,
-            sampling__max_new_tokens=max_new_tokens,
-            sampling__temperature=temperature,
-            sampling__top_p=top_p,
-            sampling__top_k=top_k,
-            sampling__max_length=max_length,
-            data_format__max_prompt_length=max_prompt_length,
-            loading__dtype=dtype,
-            loading__device=device,
-            loading__trust_remote_code=trust_remote_code,
+            **_sampling_and_loading(
+                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+            ),
         ),
     )
     _finish(run_evaluate(config, out, overwrite))
