@@ -1,0 +1,403 @@
+"""The lab study (issue 8): every recipe against the same teacher, at a scale a 2-core CPU can do.
+
+    python experiments/lab.py --out experiments/results --readme README.md   # the full study
+    python experiments/lab.py --out /tmp/lab --quick              # a pipeline check in a few minutes
+
+Phases: train a byte-level BPE on Dolly train -> build a GPT-2 teacher and a smaller student over
+it -> SFT both on Dolly (the teacher, and the student's "init" checkpoint) -> distill the init
+student with each recipe and training seed -> evaluate every model with the section-6 protocol
+on the five shipped sets -> write lab.md (the Table-1 layout), lab.png and lab.json from the run's
+own artifacts. Each recipe keeps its own method settings; only the scale knobs in `LabScale` are
+set, identically for every recipe. Finished units (stage manifest `status: complete`) are reused,
+so a re-run after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python experiments/lab.py`: make `experiments` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mgsr_cli.config import DistillConfig, EvaluateConfig, ModelLoading, SamplingConfig, load_recipe, override, recipe_path
+from mgsr_cli.models import TinySize
+
+log = logging.getLogger("lab")
+
+RECIPES = ("sft", "kd", "seqkd", "rkl", "js", "tvd", "gkd", "distillm", "akl", "rlkd", "mgsr", "mgsr_no_scrg", "mgsr_fkl", "mgsr_no_span")
+EVAL_SETS = ("dolly", "self_inst", "vicuna", "sinst", "uinst")
+
+
+@dataclass(frozen=True)
+class LabScale:
+    """Every knob the lab sets. The full study and --quick differ only here; the distill knobs
+    are applied identically to every recipe (they set the scale, not the method)."""
+
+    name: str  # "full" | "quick"
+    vocab_size: int
+    tokenizer_examples: int | None  # Dolly train examples the BPE is trained on (None = all)
+    teacher: TinySize
+    student: TinySize
+    n_positions: int
+    sft_examples: int
+    teacher_sft_steps: int
+    student_sft_steps: int
+    sft_lr: float
+    batch_size: int
+    max_length: int  # training sequences: prompt + response tokens at most
+    max_prompt_length: int  # training prompts longer than this are dropped (evaluation keeps 256)
+    distill_steps: int
+    validations: int  # dev-loss validations per distill run (they drive the adaptive θ)
+    dev_examples: int
+    response_tokens: int  # new tokens of SGO during training and of responses at evaluation
+    theta_init: float
+    train_seeds: tuple[int, ...]
+    eval_examples: int
+    eval_seeds: tuple[int, ...]
+    recipes: tuple[str, ...] = RECIPES
+
+    def distill_overrides(self, seed: int) -> dict:
+        """The scale knobs every recipe gets (besides teacher, student and seed)."""
+        return {
+            "limit": self.distill_steps * self.batch_size,
+            "dev_limit": self.dev_examples,
+            "max_length": self.max_length,
+            "data_format": {"max_prompt_length": self.max_prompt_length},
+            "sgo_sampling": {"max_new_tokens": self.response_tokens},
+            "max_steps": self.distill_steps,
+            "batch_size": self.batch_size,
+            "theta_init": self.theta_init,
+            "eval_every": max(self.distill_steps // self.validations, 1),
+            "save_every": 0,
+            "log_every": max(self.distill_steps // 20, 1),
+            "seed": seed,
+            "device": "cpu",
+        }
+
+
+# Sized from a measured single run of every recipe (12 steps, 2 workers, shared cores under load):
+# about 30 s of one core per step of all 14 recipes, 1.2 s per teacher SFT step, 0.3 s per
+# generated evaluation response; this totals about 45 minutes on those cores.
+FULL = LabScale(
+    name="full",
+    vocab_size=4096,
+    tokenizer_examples=None,
+    teacher=TinySize(n_layer=4, n_embd=192, n_head=4),
+    student=TinySize(n_layer=2, n_embd=128, n_head=2),
+    n_positions=512,
+    sft_examples=8000,
+    teacher_sft_steps=400,
+    student_sft_steps=200,
+    sft_lr=1e-3,
+    batch_size=8,
+    max_length=192,
+    max_prompt_length=128,
+    distill_steps=40,
+    validations=2,
+    dev_examples=32,
+    response_tokens=48,
+    theta_init=0.5,
+    train_seeds=(1, 2, 3),
+    eval_examples=50,
+    eval_seeds=(10, 20),
+)
+
+QUICK = LabScale(
+    name="quick",
+    vocab_size=512,
+    tokenizer_examples=500,
+    teacher=TinySize(n_layer=2, n_embd=32, n_head=2),
+    student=TinySize(n_layer=1, n_embd=16, n_head=1),
+    n_positions=512,
+    sft_examples=16,
+    teacher_sft_steps=2,
+    student_sft_steps=2,
+    sft_lr=1e-3,
+    batch_size=2,
+    max_length=96,
+    max_prompt_length=64,
+    distill_steps=2,
+    validations=1,
+    dev_examples=2,
+    response_tokens=6,
+    theta_init=0.5,
+    train_seeds=(1,),
+    eval_examples=4,
+    eval_seeds=(10,),
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One job of the study: an SFT or distill run, or an evaluation, with its output directory."""
+
+    name: str
+    kind: str  # "distill" | "evaluate"
+    config: DistillConfig | EvaluateConfig
+    out_dir: Path
+
+
+@dataclass
+class Timings:
+    """Seconds per unit and wall seconds per phase, kept across re-runs in runs/timings.json."""
+
+    path: Path
+    units: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    invocations: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> "Timings":
+        data = json.loads(path.read_text()) if path.exists() else {}
+        return cls(path, data.get("units", {}), data.get("phases", {}), data.get("invocations", 0))
+
+    def save(self) -> None:
+        from mgsr_cli.artifacts import atomic_write_json
+
+        atomic_write_json(self.path, {"units": self.units, "phases": self.phases, "invocations": self.invocations})
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        log.info("phase: %s", name)
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+        self.save()
+
+
+def complete(stage_dir: Path) -> bool:
+    manifest = stage_dir / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete"
+
+
+# ---------------------------------------------------------------- running units
+
+
+def run_unit(unit: Unit, log_path: Path) -> float:
+    """Run one unit with its logs and progress bars in `log_path`; returns its wall seconds.
+
+    A distill run left unfinished by a crash resumes from its checkpoint when it has one and
+    restarts otherwise; its checkpoints are deleted once it is complete (they only serve resuming).
+    """
+    from mgsr_cli.checkpoints import latest_checkpoint
+    from mgsr_cli.evaluate import run_evaluate
+    from mgsr_cli.train import run_distill
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as handle, contextlib.redirect_stderr(handle):  # rich follows sys.stderr
+        if unit.kind == "distill":
+            resume = latest_checkpoint(unit.out_dir) is not None
+            run_distill(unit.config, unit.out_dir, resume=resume, overwrite=not resume and unit.out_dir.exists())
+            shutil.rmtree(unit.out_dir / "checkpoints", ignore_errors=True)
+        else:
+            run_evaluate(unit.config, unit.out_dir)
+    return time.perf_counter() - start
+
+
+def _start_worker(threads: int) -> None:
+    """Pool initializer: a spawned process starts with default threads and no logging set up."""
+    import torch
+
+    from mgsr_cli.console import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging()
+
+
+def execute(units: list[Unit], pool: ProcessPoolExecutor | None, runs: Path, timings: Timings) -> None:
+    """Run the units not complete yet: in the pool's processes in the listed order, or here one by one."""
+    todo = [unit for unit in units if not complete(unit.out_dir)]
+    if len(todo) < len(units):
+        log.info("reusing %d complete unit(s)", len(units) - len(todo))
+
+    def finished(unit: Unit, seconds: float) -> None:
+        timings.units[unit.name] = seconds
+        timings.save()
+        log.info("done %-24s %6.1f s", unit.name, seconds)
+
+    if pool is None:
+        for unit in todo:
+            try:
+                seconds = run_unit(unit, _log_path(runs, unit))
+            except Exception as error:
+                raise _failure(unit, runs, error) from error
+            finished(unit, seconds)
+        return
+    futures = {pool.submit(run_unit, unit, _log_path(runs, unit)): unit for unit in todo}
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            if future.exception() is not None:
+                for other in pending:
+                    other.cancel()
+                raise _failure(futures[future], runs, future.exception()) from future.exception()
+            finished(futures[future], future.result())
+
+
+@contextlib.contextmanager
+def workers_for(workers: int, threads: int):
+    """A pool of `workers` spawned processes, or None (run in this process) for one worker.
+
+    One torch thread per process by default: these models are too small to gain from more, and
+    on shared cores extra threads spin against other processes (measured 5-10x slower).
+    """
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,)) as pool:
+            yield pool
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield None
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _failure(unit: Unit, runs: Path, error: BaseException) -> RuntimeError:
+    return RuntimeError(f"{unit.name} failed: {error} (its log: {_log_path(runs, unit)})")
+
+
+def _log_path(runs: Path, unit: Unit) -> Path:
+    return runs / "logs" / f"{unit.name}.log"
+
+
+# ---------------------------------------------------------------- the study
+
+
+def sft_unit(name: str, model: Path, runs: Path, steps: int, scale: LabScale) -> Unit:
+    """Cross-entropy on Dolly train (the sft recipe), from `model`: the teacher and the student's init."""
+    config = override(
+        load_recipe(DistillConfig, recipe_path("sft")),
+        {
+            "teacher": str(model),
+            "student": str(model),
+            "limit": scale.sft_examples,
+            "dev_limit": scale.dev_examples,
+            "max_length": scale.max_length,
+            "data_format": {"max_prompt_length": scale.max_prompt_length},
+            "max_steps": steps,
+            "batch_size": scale.batch_size,
+            "lr": scale.sft_lr,
+            "eval_every": 0,
+            "save_every": 0,
+            "log_every": max(steps // 20, 1),
+            "device": "cpu",
+        },
+    )
+    return Unit(name, "distill", config, runs / name)
+
+
+def distill_units(scale: LabScale, teacher: Path, student: Path, runs: Path) -> list[Unit]:
+    """One distill run per (recipe, training seed), the on-policy ones first (they take longest)."""
+    units = []
+    for recipe in scale.recipes:
+        for seed in scale.train_seeds:
+            config = override(
+                load_recipe(DistillConfig, recipe_path(recipe)),
+                {"teacher": str(teacher), "student": str(student), **scale.distill_overrides(seed)},
+            )
+            units.append(Unit(f"{recipe}-s{seed}", "distill", config, runs / "distill" / f"{recipe}-s{seed}"))
+    return sorted(units, key=lambda unit: _cost_rank(unit.config))
+
+
+def _cost_rank(config: DistillConfig) -> int:
+    """Rough cost order for scheduling: generating every step > sometimes > never."""
+    if config.sgo_policy in ("on_policy", "once"):
+        return 0
+    return 2 if config.sgo_policy == "none" else 1
+
+
+def evaluate_unit(label: str, model: Path, runs: Path, scale: LabScale) -> Unit:
+    config = EvaluateConfig(
+        models=[f"{label}={model}"],
+        data=list(EVAL_SETS),
+        seeds=list(scale.eval_seeds),
+        limit=scale.eval_examples,
+        batch_size=scale.eval_examples,
+        sampling=SamplingConfig(max_new_tokens=scale.response_tokens),
+        loading=ModelLoading(device="cpu"),
+    )
+    return Unit(f"eval-{label}", "evaluate", config, runs / "evaluate" / label)
+
+
+def check_scale(runs: Path, scale: LabScale) -> None:
+    """A runs directory holds one scale only: mixing the quick and full studies would be silent nonsense."""
+    path = runs / "lab_scale.json"
+    current = json.loads(json.dumps(dataclasses.asdict(scale)))
+    if path.exists() and json.loads(path.read_text()) != current:
+        raise SystemExit(f"error: {runs} holds runs of a different lab scale; choose another --out or delete {runs}")
+    runs.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2))
+
+
+def run_lab(out: Path, scale: LabScale, workers: int = 2, threads: int = 1) -> Path:
+    """Run (or continue) the study under out/runs and write out/lab.md, lab.png, lab.json."""
+    from experiments.lab_models import build_model, train_tokenizer
+    from experiments.lab_report import write_report
+
+    runs = out / "runs"
+    check_scale(runs, scale)
+    timings = Timings.load(runs / "timings.json")
+    timings.invocations += 1
+    models = runs / "models"
+    with workers_for(workers, threads) as pool:
+        with timings.phase("tokenizer and models"):
+            if not (models / "student" / "model.safetensors").exists():
+                train_tokenizer(models / "tokenizer", scale.vocab_size, scale.tokenizer_examples)
+                build_model(models / "teacher", models / "tokenizer", scale.teacher, seed=0, n_positions=scale.n_positions)
+                build_model(models / "student", models / "tokenizer", scale.student, seed=1, n_positions=scale.n_positions)
+        with timings.phase("SFT of teacher and student init"):
+            sft = [
+                sft_unit("teacher-sft", models / "teacher", runs, scale.teacher_sft_steps, scale),
+                sft_unit("student-init", models / "student", runs, scale.student_sft_steps, scale),
+            ]
+            execute(sft, pool, runs, timings)
+        teacher, student = (unit.out_dir / "student" for unit in sft)
+        distills = distill_units(scale, teacher, student, runs)
+        with timings.phase("distillation"):
+            execute(distills, pool, runs, timings)
+        evaluations = [evaluate_unit("teacher", teacher, runs, scale), evaluate_unit("student-init", student, runs, scale)]
+        evaluations += [evaluate_unit(unit.name, unit.out_dir / "student", runs, scale) for unit in distills]
+        with timings.phase("evaluation"):
+            execute(evaluations, pool, runs, timings)
+    parallelism = "one at a time in this process" if workers == 1 else f"{workers} at a time in separate processes"
+    return write_report(out, scale, runs, timings, f"{parallelism}, {threads} torch thread(s) each")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where lab.md, lab.png, lab.json and runs/ go")
+    parser.add_argument("--quick", action="store_true", help="tiny everything: checks the pipeline in a few minutes, not the ranking")
+    parser.add_argument("--workers", type=int, help="units run in parallel processes; 1 = in this process (default: 2, --quick: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per unit")
+    parser.add_argument("--readme", type=Path, help="also copy the result table into this README (between its lab markers)")
+    args = parser.parse_args(argv)
+    from mgsr_cli.console import setup_logging
+
+    setup_logging()
+    workers = args.workers or (1 if args.quick else 2)
+    report = run_lab(args.out, QUICK if args.quick else FULL, workers, args.threads)
+    if args.readme:
+        from experiments.lab_report import copy_table_into
+
+        copy_table_into(args.readme, report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The lab study (experiments/lab.py) in --quick mode, in-process: every recipe runs, the report
+has the paper's Table-1 layout, the chart is drawn, and a re-run reuses every finished unit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from experiments.lab import QUICK, RECIPES, run_lab
+from experiments.lab_report import TABLE_HEADER
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+NUMBER = r"-?\d+\.\d\d"
+
+
+def table_rows(markdown: str) -> list[str]:
+    """The lines of the result table: from its header to the first line that is not a table row."""
+    lines = markdown.splitlines()
+    start = lines.index(TABLE_HEADER)
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_quick_lab_writes_the_table_chart_and_json_and_resumes(tmp_path):
+    report = run_lab(tmp_path, QUICK, workers=1)
+
+    rows = table_rows(report.read_text(encoding="utf-8"))
+    assert [cell.strip() for cell in rows[0].strip("|").split("|")] == ["Method", "Dolly", "SelfInst", "Vicuna", "S-NI", "UnNI†", "Avg."]
+    body = rows[2:]
+    assert body[0].startswith("| Teacher")
+    assert body[1].startswith("| Student init")
+    assert [re.search(r"\(`(\w+)`\)", row).group(1) for row in body[2:]] == list(RECIPES)
+    for row in body:
+        cells = [cell.strip() for cell in row.strip("|").split("|")[1:]]
+        assert len(cells) == 6 and all(re.fullmatch(f"{NUMBER}( ± {NUMBER})?", cell) for cell in cells), row
+
+    assert (tmp_path / "lab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "lab.json").read_text())
+    assert set(data["runs"]) == {f"{recipe}-s{seed}" for recipe in RECIPES for seed in QUICK.train_seeds}
+    assert all(run["steps"] == QUICK.distill_steps for run in data["runs"].values())
+
+    units = dict(data["timings"]["units"])
+    run_lab(tmp_path, QUICK, workers=1)
+    again = json.loads((tmp_path / "lab.json").read_text())
+    assert again["timings"]["units"] == units and again["timings"]["invocations"] == 2
+
+
+def test_copy_table_into_replaces_only_the_marked_table(tmp_path):
+    from experiments.lab_report import README_MARKERS, copy_table_into
+
+    lab = tmp_path / "lab.md"
+    lab.write_text(f"# t\n\n{TABLE_HEADER}\n|---|\n| Teacher | 1 |\n\nafter\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_MARKERS[0]}\n| old |\n{README_MARKERS[1]}\noutro\n")
+    copy_table_into(readme, lab)
+    assert readme.read_text() == f"intro\n{README_MARKERS[0]}\n{TABLE_HEADER}\n|---|\n| Teacher | 1 |\n{README_MARKERS[1]}\noutro\n"
+
+
+def test_readme_shows_the_table_of_the_committed_lab_report():
+    """The README's lab table is lab.md's, so it is never typed in by hand."""
+    lab = REPOSITORY / "experiments" / "results" / "lab.md"
+    if not lab.exists():
+        pytest.skip("no committed lab report")
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    assert "\n".join(table_rows(lab.read_text(encoding="utf-8"))) in readme
