@@ -86,9 +86,9 @@ class LabScale:
         }
 
 
-# Sized from a measured single run of every recipe (12 steps, 2 workers, shared cores under load):
-# about 30 s of one core per step of all 14 recipes, 1.2 s per teacher SFT step, 0.3 s per
-# generated evaluation response; this totals about 45 minutes on those cores.
+# Sized from the first full run (400 / 200 SFT steps, 40 distill steps: 18.5 minutes on 2 cores,
+# teacher dev loss 6.07, a weak teacher): three times the teacher's SFT and twice the distillation
+# steps, to about 40 minutes.
 FULL = LabScale(
     name="full",
     vocab_size=4096,
@@ -97,13 +97,13 @@ FULL = LabScale(
     student=TinySize(n_layer=2, n_embd=128, n_head=2),
     n_positions=512,
     sft_examples=8000,
-    teacher_sft_steps=400,
-    student_sft_steps=200,
+    teacher_sft_steps=1200,
+    student_sft_steps=400,
     sft_lr=1e-3,
     batch_size=8,
     max_length=192,
     max_prompt_length=128,
-    distill_steps=40,
+    distill_steps=80,
     validations=2,
     dev_examples=32,
     response_tokens=48,
