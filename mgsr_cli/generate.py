@@ -12,8 +12,8 @@ from mgsr_cli.artifacts import StageWriter, describe_input
 from mgsr_cli.config import GenerateConfig, SamplingConfig, to_dict
 from mgsr_cli.console import progress_bar
 from mgsr_cli.data import PromptTokens, load_examples, resolve_source, tokenize_prompts
-from mgsr_cli.models import eos_token_ids, load_model_and_tokenizer, tokenizer_fingerprint
-from mgsr_cli.sampling import batch_seed, make_generator, sample
+from mgsr_cli.models import load_model_and_tokenizer, tokenizer_fingerprint
+from mgsr_cli.sampling import TokenSpace, batch_seed, make_generator, sample
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def sample_records(
     Batch k always holds jobs [k*batch_size, (k+1)*batch_size) and draws from its own seed,
     so a run resumed after a crash (skipping the ids in `skip`) produces the same records.
     """
-    eos_ids = eos_token_ids(model, tokenizer)
+    token_space = TokenSpace.of(model, tokenizer)
     device = next(model.parameters()).device
     with progress_bar() as progress:
         task = progress.add_task(description, total=len(jobs), info="")
@@ -62,9 +62,7 @@ def sample_records(
                 [list(job.prompt.prompt_ids) for job in batch],
                 sampling,
                 generator,
-                eos_ids,
-                tokenizer.pad_token_id,
-                len(tokenizer),
+                token_space,
             )
             records = [
                 _record(id_prefix + job.record_id, job, output.row(row), bool(output.ended_with_eos[row]), tokenizer)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mgsr_cli.config import SamplingConfig
+from mgsr_cli.models import eos_token_ids
 
 
 @dataclass
@@ -80,6 +81,20 @@ def _accepts(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+@dataclass(frozen=True)
+class TokenSpace:
+    """What decoding needs to know of a tokenizer: the ids that end a response, the padding id,
+    and how many output rows are real tokens (padded output layers have more)."""
+
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, model, tokenizer) -> "TokenSpace":
+        return cls(tuple(eos_token_ids(model, tokenizer)), tokenizer.pad_token_id, len(tokenizer))
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """[B, L] ids and attention mask for sequences of different lengths, padded on the left."""
     width = max(len(sequence) for sequence in sequences)
@@ -98,18 +113,16 @@ def sample(
     prompts: list[list[int]],
     sampling: SamplingConfig,
     generator: torch.Generator | None,
-    eos_ids: list[int],
-    pad_id: int,
-    vocab_size: int,
+    token_space: TokenSpace,
 ) -> Continuations:
     """Sample one continuation per prompt (prefill, then token by token)."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    input_ids, attention_mask = left_pad(prompts, token_space.pad_id, device)
     next_logits, cache = forward_step(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
     budgets = token_budgets([len(prompt) for prompt in prompts], sampling)
     next_positions = attention_mask.sum(dim=-1)
     return continue_sampling(
-        model, next_logits, cache, attention_mask, next_positions, budgets, sampling, generator, eos_ids, pad_id, vocab_size
+        model, next_logits, cache, attention_mask, next_positions, budgets, sampling, generator, token_space
     )
 
 
@@ -132,9 +145,7 @@ def continue_sampling(
     budgets: list[int],
     sampling: SamplingConfig,
     generator: torch.Generator | None,
-    eos_ids: list[int],
-    pad_id: int,
-    vocab_size: int,
+    token_space: TokenSpace,
 ) -> Continuations:
     """Sample from `next_logits` on, feeding each token back through the cache.
 
@@ -146,10 +157,10 @@ def continue_sampling(
     device = next_logits.device
     rows = len(budgets)
     budget = torch.tensor(budgets, device=device)
-    tokens = torch.full((rows, max(budgets, default=0)), pad_id, dtype=torch.long, device=device)
+    tokens = torch.full((rows, max(budgets, default=0)), token_space.pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     ended_with_eos = torch.zeros(rows, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(token_space.eos_ids, device=device)
     active = (budget > 0).nonzero().squeeze(1)
     if active.numel() < rows:
         next_logits, attention_mask, next_positions = next_logits[active], attention_mask[active], next_positions[active]
@@ -157,7 +168,7 @@ def continue_sampling(
     step = 0
     while active.numel():
         logits = next_logits.clone()
-        logits[:, vocab_size:] = float("-inf")  # padded output rows beyond the tokenizer's vocabulary
+        logits[:, token_space.vocab_size :] = float("-inf")  # padded output rows beyond the tokenizer's vocabulary
         chosen = select_next_tokens(logits, sampling, generator)
         tokens[active, step] = chosen
         lengths[active] += 1

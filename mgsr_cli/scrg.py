@@ -43,9 +43,10 @@ from mgsr_cli.console import console, progress_bar
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import check_head_matches_forward, hidden_states, project
 from mgsr_cli.kv_cache import select_positions
-from mgsr_cli.models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
+from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
 from mgsr_cli.sampling import (
     Continuations,
+    TokenSpace,
     batch_seed,
     continue_sampling,
     forward_step,
@@ -106,9 +107,7 @@ class _Setup:
     student: torch.nn.Module
     options: ScrgOptions
     generator: torch.Generator | None
-    eos_ids: list[int]
-    pad_id: int
-    vocab_size: int
+    token_space: TokenSpace
 
     @property
     def device(self) -> torch.device:
@@ -127,27 +126,25 @@ def correct_sequences(
     sequences: list[tuple[list[int], list[int]]],
     options: ScrgOptions,
     generator: torch.Generator | None,
-    eos_ids: list[int],
-    pad_id: int,
-    vocab_size: int,
+    token_space: TokenSpace,
     budgets: list[int] | None = None,
 ) -> list[Correction]:
     """SCRG on a batch of (prompt_ids, response_ids): one `Correction` per sequence, in order.
 
-    Models should be in eval mode and share the first `vocab_size` output rows' meaning. The
+    Models should be in eval mode and share the first `token_space.vocab_size` output rows' meaning. The
     student re-generates with `options.sampling`; a revised response has at most budgets[b]
     tokens (default: what `options.sampling` allows for the prompt). `generator` (on the student's
     device) is the only source of randomness: teacher proposals are drawn first, then the
     re-generation, round by round, so a batch is reproducible from its seed.
     """
-    setup = _Setup(teacher, student, options, generator, eos_ids, pad_id, vocab_size)
+    setup = _Setup(teacher, student, options, generator, token_space)
     prompts = [list(prompt) for prompt, _ in sequences]
     budgets = budgets if budgets is not None else token_budgets([len(prompt) for prompt in prompts], options.sampling)
     corrections = [Correction(list(response), list(response)) for _, response in sequences]
     starts = [max(0, 1 - len(prompt)) for prompt in prompts]  # an empty prompt does not predict position 0
     pending = list(range(len(sequences)))
     for _ in range(options.rounds):
-        windows = [_Window(row, starts[row], eligible_end(corrections[row].response_ids, budgets[row], eos_ids)) for row in pending]
+        windows = [_Window(row, starts[row], eligible_end(corrections[row].response_ids, budgets[row], token_space.eos_ids)) for row in pending]
         windows = [window for window in windows if window.start < window.end]
         if not windows:
             break
@@ -160,7 +157,7 @@ def correct_sequences(
     return corrections
 
 
-def eligible_end(response: list[int], budget: int, eos_ids: list[int]) -> int:
+def eligible_end(response: list[int], budget: int, eos_ids: tuple[int, ...]) -> int:
     """One past the last position SCRG may change: the first EOS included, nothing after it,
     and only positions whose revision (kept prefix + teacher token) fits in `budget` tokens."""
     eos = set(eos_ids)
@@ -174,17 +171,17 @@ def _correct_round(
     """Score every window, find j, re-generate: (sequence index, step, revised response) per changed window."""
     # the token at end - 1 is never needed as input: it predicts nothing inside the window
     inputs = [prompts[window.row] + response[: window.end - 1] for window, response in zip(windows, responses)]
-    input_ids, attention_mask = left_pad(inputs, setup.pad_id, setup.device)
+    input_ids, attention_mask = left_pad(inputs, setup.token_space.pad_id, setup.device)
     sizes = torch.tensor([window.end - window.start for window in windows], device=setup.device)
-    scores = score_windows(setup.teacher, setup.student, input_ids, attention_mask, sizes, setup.options.divergence, setup.vocab_size)
-    student_tokens = torch.full(scores.divergence.shape, setup.pad_id, device=setup.device)
+    scores = score_windows(setup.teacher, setup.student, input_ids, attention_mask, sizes, setup.options.divergence, setup.token_space.vocab_size)
+    student_tokens = torch.full(scores.divergence.shape, setup.token_space.pad_id, device=setup.device)
     in_window = torch.arange(student_tokens.shape[1], device=setup.device) < sizes[:, None]
     window_tokens = [token for window, response in zip(windows, responses) for token in response[window.start : window.end]]
     student_tokens[in_window] = torch.tensor(window_tokens, device=setup.device)
     errors = _find_errors(setup, scores, sizes, student_tokens, windows)
     revised = [responses[index][: step.position] + [step.teacher_token] for index, step in errors]
     rooms = [budgets[windows[index].row] - len(response) for (index, _), response in zip(errors, revised)]
-    going_on = [k for k, (_, step) in enumerate(errors) if rooms[k] > 0 and step.teacher_token not in setup.eos_ids]
+    going_on = [k for k, (_, step) in enumerate(errors) if rooms[k] > 0 and step.teacher_token not in setup.token_space.eos_ids]
     if going_on:
         rows = [errors[k][0] for k in going_on]
         kept = [len(prompts[windows[row].row]) + errors[k][1].position for row, k in zip(rows, going_on)]  # prompt + y^s_<j
@@ -198,9 +195,7 @@ def _correct_round(
             [rooms[k] for k in going_on],
             setup.options.sampling,
             setup.generator,
-            setup.eos_ids,
-            setup.pad_id,
-            setup.vocab_size,
+            setup.token_space,
         )
         for slot, k in enumerate(going_on):
             revised[k] += continuation.row(slot)
@@ -214,7 +209,7 @@ def _find_errors(
     proposal = SamplingConfig(temperature=1.0 if setup.options.teacher_token == "sample" else 0.0)
 
     def propose(rows: Tensor, slots: Tensor) -> Tensor:
-        logits = project(setup.teacher, scores.teacher_hidden[rows, scores.columns[rows, slots]], setup.vocab_size)
+        logits = project(setup.teacher, scores.teacher_hidden[rows, scores.columns[rows, slots]], setup.token_space.vocab_size)
         return select_next_tokens(torch.log_softmax(logits, -1, dtype=torch.float32).to(setup.device), proposal, setup.generator)
 
     found, slots, teacher_tokens = first_disagreements(scores.divergence, sizes, student_tokens, propose)
@@ -341,9 +336,7 @@ def regenerate(
     budgets: list[int],
     sampling: SamplingConfig,
     generator: torch.Generator | None,
-    eos_ids: list[int],
-    pad_id: int,
-    vocab_size: int,
+    token_space: TokenSpace,
 ) -> Continuations:
     """Let the student continue row rows[b] of a teacher-forced cache after its first keep[b] tokens
     and teacher_tokens[b], with up to budgets[b] new tokens. No prefix is re-encoded.
@@ -362,7 +355,7 @@ def regenerate(
     attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
     next_logits, cache = forward_step(student, teacher_tokens[:, None], attention_mask, keep[:, None], cache)
     return continue_sampling(
-        student, next_logits, cache, attention_mask, keep + 1, budgets, sampling, generator, eos_ids, pad_id, vocab_size
+        student, next_logits, cache, attention_mask, keep + 1, budgets, sampling, generator, token_space
     )
 
 
@@ -422,7 +415,7 @@ def _corrected_batches(
 ) -> Iterator[list[dict]]:
     """Correct the records in fixed batches, each with its own seed (as `generate`), so a resumed
     run produces the same records; `counts` accumulates scored and re-generated tokens."""
-    eos_ids = eos_token_ids(student, tokenizer)
+    token_space = TokenSpace.of(student, tokenizer)
     device = next(student.parameters()).device
     with progress_bar() as progress:
         task = progress.add_task("correct", total=len(records), info="")
@@ -434,7 +427,7 @@ def _corrected_batches(
                 continue
             corrections = correct_sequences(
                 teacher, student, [(record["prompt_ids"], record["response_ids"]) for record in batch], config.scrg,
-                make_generator(batch_seed(config.seed, start), device), eos_ids, tokenizer.pad_token_id, len(tokenizer),
+                make_generator(batch_seed(config.seed, start), device), token_space,
             )
             counts["scored"] += sum(len(record["response_ids"]) for record in batch)
             counts["regenerated"] += sum(_regenerated_tokens(correction) for correction in corrections)
@@ -442,7 +435,7 @@ def _corrected_batches(
             rate = counts["scored"] / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=len(batch), info=f"{rate:,.0f} tok/s, {changed}/{finished} changed")
             yield [
-                _record(record, correction, tokenizer, eos_ids)
+                _record(record, correction, tokenizer, token_space.eos_ids)
                 for record, correction in zip(batch, corrections)
                 if record["id"] not in skip
             ]
@@ -452,7 +445,7 @@ def _regenerated_tokens(correction: Correction) -> int:
     return len(correction.response_ids) - correction.steps[0].position - 1 if correction.changed else 0
 
 
-def _record(source: dict, correction: Correction, tokenizer, eos_ids: list[int]) -> dict:
+def _record(source: dict, correction: Correction, tokenizer, eos_ids: tuple[int, ...]) -> dict:
     """A drop-in `generate` record holding the revised response, plus what SCRG did."""
     first = correction.steps[0] if correction.changed else None
     ends_with_eos = bool(correction.response_ids) and correction.response_ids[-1] in eos_ids

@@ -18,7 +18,7 @@ import torch
 from mgsr_cli.batches import Sequence, SpanSettings, make_sequence
 from mgsr_cli.config import DistillConfig
 from mgsr_cli.errors import UsageError
-from mgsr_cli.sampling import sample, token_budgets
+from mgsr_cli.sampling import TokenSpace, sample, token_budgets
 
 Source = Literal["ground_truth", "fresh", "replay", "static", "once"]
 POLICIES = ("none", "on_policy", "mixed", "adaptive_off_policy", "static", "once")
@@ -112,8 +112,7 @@ class SgoMaker:
     student: torch.nn.Module
     teacher: torch.nn.Module
     tokenizer: object
-    eos_ids: list[int]
-    vocab_size: int
+    token_space: TokenSpace
     spans: SpanSettings | None
 
     @torch.no_grad()
@@ -130,12 +129,10 @@ class SgoMaker:
                     [prompts[i].prompt_ids for i in indices],
                     self.config.sgo_sampling,
                     generator,
-                    self.eos_ids,
-                    self.tokenizer.pad_token_id,
-                    self.vocab_size,
+                    self.token_space,
                 )
                 for row, index in enumerate(indices):
-                    responses[index] = output.row(row) or [self.eos_ids[0]]
+                    responses[index] = output.row(row) or [self.token_space.eos_ids[0]]
             if self.config.scrg:
                 responses = self._revise(prompts, responses, generator)
         finally:
@@ -170,9 +167,7 @@ class SgoMaker:
             [(prompt.prompt_ids, response) for prompt, response in zip(prompts, responses)],
             options,
             generator,
-            self.eos_ids,
-            self.tokenizer.pad_token_id,
-            self.vocab_size,
+            self.token_space,
             budgets,
         )
         return [correction.response_ids for correction in corrections]

@@ -35,8 +35,8 @@ from mgsr_cli.data import load_examples, resolve_source
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import HeadLossInputs, check_head_matches_forward, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
-from mgsr_cli.models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
-from mgsr_cli.sampling import batch_seed, make_generator, sample
+from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from mgsr_cli.sampling import TokenSpace, batch_seed, make_generator, sample
 from mgsr_cli.sgo import Policy, SgoMaker, SgoState, choose_source, remember, replay, step_random, update_theta
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,9 @@ class Distillation:
                 raise UsageError(f"the {name}'s output layer has fewer rows than the tokenizer's {self.vocab_size} tokens")
             check_lengths(model, name, config.max_length)
             check_head_matches_forward(model, self.vocab_size)
-        self.eos_ids = eos_token_ids(self.student, self.tokenizer)
+        self.token_space = TokenSpace.of(self.student, self.tokenizer)
         prepare_student(self.student, config)
-        self.sgo_maker = SgoMaker(config, self.student, self.teacher, self.tokenizer, self.eos_ids, self.vocab_size, self._span_settings())
+        self.sgo_maker = SgoMaker(config, self.student, self.teacher, self.tokenizer, self.token_space, self._span_settings())
 
     def _uses_teacher_model(self) -> bool:
         """False for pure SFT on the ground truth: the teacher's weights are then never read."""
@@ -538,7 +538,7 @@ class Distillation:
             batch = mine[start : start + size]
             generator = make_generator(batch_seed(self.config.seed, start), self.device)
             output = sample(
-                student, [list(p.prompt_ids) for p in batch], self.config.eval_sampling, generator, self.eos_ids, self.tokenizer.pad_token_id, self.vocab_size
+                student, [list(p.prompt_ids) for p in batch], self.config.eval_sampling, generator, self.token_space
             )
             for row, prompt in enumerate(batch):
                 text = self.tokenizer.decode(output.row(row), skip_special_tokens=True)

@@ -12,12 +12,13 @@ from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import backbone, hidden_states
 from mgsr_cli.models import load_model
 from mgsr_cli.losses.divergences import ForwardKL, JensenShannon, ReverseKL
-from mgsr_cli.sampling import continue_sampling, forward_step, left_pad, make_generator, position_ids_from_mask, sample
+from mgsr_cli.sampling import TokenSpace, continue_sampling, forward_step, left_pad, make_generator, position_ids_from_mask, sample
 from mgsr_cli.models import check_same_vocabulary
 from mgsr_cli.scrg import correct_sequences, eligible_end, first_disagreements, regenerate, token_divergence
 
 EOS = 50256
 VOCAB = 50257
+SPACE = TokenSpace((EOS,), EOS, VOCAB)
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16, max_length=1024)
 ARGMAX = ScrgOptions(teacher_token="argmax", sampling=GREEDY)
 SAMPLED = ScrgOptions(sampling=GREEDY)  # sampled teacher proposals, greedy re-generation
@@ -50,7 +51,7 @@ def force_token(model, position_id: int, token: int, strength: float = 200.0) ->
 
 def greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids=(EOS,)) -> list[list[int]]:
     config = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens, max_length=1024)
-    output = sample(model, prompts, config, None, list(eos_ids), EOS, VOCAB)
+    output = sample(model, prompts, config, None, TokenSpace(tuple(eos_ids), EOS, VOCAB))
     return [output.row(row) for row in range(len(prompts))]
 
 
@@ -68,7 +69,7 @@ def test_the_one_disagreement_is_found_and_revised(base_dir):
     assert all(response[j] == forced_token for response, j in zip(responses, expected))
 
     corrections = correct_sequences(
-        teacher, student, list(zip(prompts, responses)), SAMPLED, make_generator(0, torch.device("cpu")), [EOS], EOS, VOCAB
+        teacher, student, list(zip(prompts, responses)), SAMPLED, make_generator(0, torch.device("cpu")), SPACE
     )
     for prompt, response, j, correction in zip(prompts, responses, expected, corrections):
         assert correction.changed and len(correction.steps) == 1
@@ -99,14 +100,14 @@ def test_cache_reuse_regenerates_what_re_encoding_would(base_dir):
             reused = regenerate(
                 student, cache, mask.sum(dim=1), torch.tensor(rows), torch.tensor([len(prompts[r]) + kept[r] for r in rows]),
                 torch.tensor([teacher_tokens[r] for r in rows]), [budgets[r] for r in rows], config,
-                None if seed is None else make_generator(seed, torch.device("cpu")), [EOS], EOS, VOCAB,
+                None if seed is None else make_generator(seed, torch.device("cpu")), SPACE,
             )
             prefixes = [prompts[r] + responses[r][: kept[r]] + [teacher_tokens[r]] for r in rows]
             ids, prefix_mask = left_pad(prefixes, EOS, torch.device("cpu"))
             logits, fresh_cache = forward_step(student, ids, prefix_mask, position_ids_from_mask(prefix_mask))
             scratch = continue_sampling(
                 student, logits, fresh_cache, prefix_mask, prefix_mask.sum(dim=1), [budgets[r] for r in rows], config,
-                None if seed is None else make_generator(seed, torch.device("cpu")), [EOS], EOS, VOCAB,
+                None if seed is None else make_generator(seed, torch.device("cpu")), SPACE,
             )
         assert [reused.row(i) for i in range(len(rows))] == [scratch.row(i) for i in range(len(rows))]
         assert [len(reused.row(i)) for i in range(len(rows))] == [budgets[r] for r in rows]
@@ -116,7 +117,7 @@ def test_identical_models_on_their_own_greedy_output_leave_everything_unchanged(
     model = fresh(base_dir)
     prompts = prompts_of([4, 8])
     responses = greedy(model, prompts, 10)
-    corrections = correct_sequences(model, model, list(zip(prompts, responses)), ARGMAX, None, [EOS], EOS, VOCAB)
+    corrections = correct_sequences(model, model, list(zip(prompts, responses)), ARGMAX, None, SPACE)
     for response, correction in zip(responses, corrections):
         assert not correction.changed and correction.steps == [] and correction.response_ids == response
 
@@ -128,7 +129,7 @@ def test_positions_after_the_first_eos_are_never_chosen_but_the_eos_is(base_dir)
     force_token(student, 6 + 8, 4242)  # a huge divergence at response position 9, after the EOS
     after_eos = clean[0][6:9] + [4242] + clean[0][10:]  # the forced token, which the teacher would not propose
     responses = [clean[0][:5] + [EOS] + after_eos, clean[1][:3]]  # row 1 is short: its padding overlaps position 9
-    corrections = correct_sequences(teacher, student, list(zip(prompts, responses)), ARGMAX, None, [EOS], EOS, VOCAB)
+    corrections = correct_sequences(teacher, student, list(zip(prompts, responses)), ARGMAX, None, SPACE)
     assert corrections[0].changed and corrections[0].steps[0].position == 5 and corrections[0].steps[0].student_token == EOS
     assert corrections[0].response_ids[:5] == responses[0][:5]
     assert not corrections[1].changed and corrections[1].response_ids == responses[1]
@@ -179,7 +180,7 @@ def test_argmax_greedy_is_deterministic_and_sampling_is_reproducible(base_dir):
     pairs = list(zip(prompts, responses))
 
     def run(options, seed):
-        result = correct_sequences(teacher, student, pairs, options, make_generator(seed, torch.device("cpu")), [EOS], EOS, VOCAB)
+        result = correct_sequences(teacher, student, pairs, options, make_generator(seed, torch.device("cpu")), SPACE)
         return [(c.response_ids, c.steps) for c in result]
 
     assert run(ARGMAX, 1) == run(ARGMAX, 2)
@@ -194,9 +195,9 @@ def test_second_round_corrects_only_the_regenerated_suffix(base_dir):
     force_token(student, 15, 1717)  # after it: round 2
     prompts = prompts_of([4, 6])
     pairs = list(zip(prompts, greedy(student, prompts, 16, eos_ids=())))
-    one = correct_sequences(teacher, student, pairs, ARGMAX, None, [EOS], EOS, VOCAB)
+    one = correct_sequences(teacher, student, pairs, ARGMAX, None, SPACE)
     two_rounds = ScrgOptions(teacher_token="argmax", rounds=2, sampling=GREEDY)
-    two = correct_sequences(teacher, student, pairs, two_rounds, None, [EOS], EOS, VOCAB)
+    two = correct_sequences(teacher, student, pairs, two_rounds, None, SPACE)
     for prompt, first, second in zip(prompts, one, two):
         assert [step.position for step in first.steps] == [10 - len(prompt)]
         assert [step.position for step in second.steps] == [10 - len(prompt), 16 - len(prompt)]
