@@ -30,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python experiments/lab.py`: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mgsr_cli.artifacts import is_complete
 from mgsr_cli.config import DistillConfig, EvaluateConfig, ModelLoading, SamplingConfig, load_recipe, override, recipe_path
 from mgsr_cli.models import TinySize
 
@@ -176,11 +177,6 @@ class Timings:
         self.save()
 
 
-def complete(stage_dir: Path) -> bool:
-    manifest = stage_dir / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete"
-
-
 # ---------------------------------------------------------------- running units
 
 
@@ -218,7 +214,7 @@ def _start_worker(threads: int) -> None:
 
 def execute(units: list[Unit], pool: ProcessPoolExecutor | None, runs: Path, timings: Timings) -> None:
     """Run the units not complete yet: in the pool's processes in the listed order, or here one by one."""
-    todo = [unit for unit in units if not complete(unit.out_dir)]
+    todo = [unit for unit in units if not is_complete(unit.out_dir)]
     if len(todo) < len(units):
         log.info("reusing %d complete unit(s)", len(units) - len(todo))
 

@@ -186,6 +186,12 @@ def is_stage_dir(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).exists()
 
 
+def is_complete(path: Path) -> bool:
+    """Whether `path` holds a finished stage output (what a resumable pipeline may reuse)."""
+    manifest = _read_manifest_if_any(path)
+    return manifest is not None and manifest.get("status") == "complete"
+
+
 def read_stage(path: Path, stages: tuple[str, ...], tokenizer: str | None = None) -> tuple[dict, list[dict]]:
     """The manifest and records of a complete stage output, checked before a later stage uses them."""
     return read_manifest(path, stages, tokenizer), list(iter_records(path / RECORDS))

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from mgsr_cli.artifacts import is_complete
 from mgsr_cli.config import DistillConfig, EvaluateConfig, GenerateConfig, SamplingConfig, load_recipe, override, recipe_path
 from mgsr_cli.console import console
 
@@ -32,23 +33,19 @@ class DemoSize:
     eval_seeds: tuple[int, ...] = (10, 20)
 
 
+# `mgsr demo --quick`: a few steps per stage, to check the pipeline, not the results
+QUICK_DEMO = DemoSize(teacher_sft_steps=4, student_sft_steps=2, train_examples=16, distill_steps=3, response_tokens=8, eval_examples=4)
+
+
 def _stage(title: str) -> None:
     console.rule(f"[bold]{title}")
-
-
-def _complete(stage_dir: Path) -> bool:
-    """A stage finished by an earlier run of the demo is reused, so a re-run continues after a crash."""
-    import json
-
-    manifest = stage_dir / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete"
 
 
 def _distill(config: DistillConfig, out: Path, overwrite: bool) -> Path:
     from mgsr_cli.checkpoints import latest_checkpoint
     from mgsr_cli.train import run_distill
 
-    if overwrite or not _complete(out):
+    if overwrite or not is_complete(out):
         run_distill(config, out, resume=not overwrite and latest_checkpoint(out) is not None, overwrite=overwrite)
     return out
 
@@ -91,12 +88,12 @@ def run_demo(out: Path, size: DemoSize = DemoSize(), overwrite: bool = False) ->
 
     _stage("3/6 generate: student outputs for the training prompts")
     generated = out / "generate"
-    if overwrite or not _complete(generated):
+    if overwrite or not is_complete(generated):
         config = GenerateConfig(model=str(student), data="dolly_train", limit=size.train_examples, batch_size=16, sampling=sampling)
         run_generate(config, generated, overwrite)
     _stage("4/6 correct: SCRG revises each output where teacher and student disagree most")
     corrected = out / "correct"
-    if overwrite or not _complete(corrected):
+    if overwrite or not is_complete(corrected):
         run_correct(correct_config(generated, str(teacher), str(student), {"batch_size": 16}), generated, corrected, overwrite)
 
     _stage("5/6 distill: MGSR (sft + dac_kl + span) on the SCRG-revised outputs")
