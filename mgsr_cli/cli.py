@@ -291,10 +291,9 @@ def demo(
     A re-run continues after the last complete stage; the final table compares the student
     before and after distillation with the teacher (ROUGE-L).
     """
-    from mgsr_cli.pipeline import DemoSize, run_demo
+    from mgsr_cli.pipeline import QUICK_DEMO, DemoSize, run_demo
 
-    size = DemoSize(teacher_sft_steps=4, student_sft_steps=2, train_examples=16, distill_steps=3, response_tokens=8, eval_examples=4) if quick else DemoSize()
-    _finish(run_demo(out, size, overwrite))
+    _finish(run_demo(out, QUICK_DEMO if quick else DemoSize(), overwrite))
 
 
 def main() -> None:
