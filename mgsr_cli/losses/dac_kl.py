@@ -324,7 +324,7 @@ def _fixed_quantiles(quantiles: tuple[float, float] | list[float] | str | None) 
     except ValueError:
         raise ValueError(f"dac_fixed_quantiles must be two numbers l,u; got {quantiles!r}") from None
     if not 0.0 <= lower <= upper <= 1.0:
-        raise ValueError(f"dac_fixed_quantiles must be [l, u] with 0 <= l <= u <= 1; got {list(quantiles)}")
+        raise ValueError(f"dac_fixed_quantiles must be [l, u] with 0 <= l <= u <= 1; got {[lower, upper]}")
     return lower, upper
 
 
