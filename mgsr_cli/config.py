@@ -248,6 +248,7 @@ class LoraOptions:
     alpha: int = _help("LoRA alpha.", 64)
     dropout: float = _help("LoRA dropout.", 0.1)
     target_modules: list[str] = _help("Module names to adapt; empty = peft's default for the architecture.", factory=list)
+    export_adapter: bool = _help("Also save the trained adapter alone (peft format) in OUT/student/adapter.", False)
 
 
 @dataclass

@@ -9,6 +9,7 @@ project them through the output layer in chunks, cut to the tokenizer's real voc
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +22,29 @@ def backbone(model) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def cache_argument(module: nn.Module, cache) -> dict:
+    """The KV cache under the keyword this transformers version's forward takes: `cache` since the
+    5.x rename, `past_key_values` before (passing the old name now warns and goes away in 5.40)."""
+    parameters = inspect.signature(module.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned, read under the same version-dependent name."""
+    return output["cache"] if "cache" in output else output.past_key_values
+
+
 def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, cache=None, use_cache: bool = False):
     """[B, L, H] final hidden states (after the final norm) and the KV cache when asked for."""
-    output = backbone(model)(
+    transformer = backbone(model)
+    output = transformer(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=use_cache,
+        **cache_argument(transformer, cache),
     )
-    return output.last_hidden_state, (output.past_key_values if use_cache else None)
+    return output.last_hidden_state, (returned_cache(output) if use_cache else None)
 
 
 def project(model, hidden: Tensor, vocab_size: int) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mgsr_cli.config import SamplingConfig
+from mgsr_cli.heads import cache_argument, returned_cache
 from mgsr_cli.models import eos_token_ids
 
 
@@ -70,11 +71,11 @@ def forward_step(model, input_ids: Tensor, attention_mask: Tensor, position_ids:
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
+        **cache_argument(model, cache),
         **kwargs,
     )
-    return output.logits[:, -1, :], output.past_key_values
+    return output.logits[:, -1, :], returned_cache(output)
 
 
 def _accepts(model, argument: str) -> bool:

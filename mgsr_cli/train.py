@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,39 +187,60 @@ def prepare_student(student: nn.Module, config: DistillConfig) -> nn.Module:
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        # transformers 5.x renamed it activation_checkpointing_enable (the old name warns, gone in v6).
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable()
         student.config.use_cache = False
     if config.lora.enabled:
         try:
-            from peft import get_peft_model
+            import peft  # noqa: F401
         except ImportError:
             raise UsageError("lora.enabled needs peft: pip install 'mgsr[lora]'") from None
-        get_peft_model(student, lora_config(config))  # injects adapters into `student` in place and freezes the rest
+        with_lora(student, config)  # injects adapters into `student` in place and freezes the rest
     return student.train()
 
 
 def lora_config(config: DistillConfig):
+    """LoRA dropout follows `disable_dropout` like every other dropout of the student."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
+        lora_dropout=0.0 if config.disable_dropout else config.lora.dropout,
         target_modules=config.lora.target_modules or None,
         task_type="CAUSAL_LM",
     )
 
 
-def merged_lora_copy(student: nn.Module, config: DistillConfig) -> nn.Module:
-    """A plain model (adapters folded in) for save_pretrained, leaving the training model as is:
-    the base weights are reloaded on the CPU and the trained adapters applied to them."""
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+def with_lora(model: nn.Module, config: DistillConfig):
+    """get_peft_model, quietly: peft itself still calls transformers 5.x's deprecated is_gradient_checkpointing."""
+    from peft import get_peft_model
 
-    adapters = {name: tensor.detach().cpu() for name, tensor in get_peft_model_state_dict(student).items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config(config))
+
+
+# peft injects the adapters into the student in place (no PeftModel wrapper survives), so their
+# state-dict keys lack the prefix a PeftModel built around a fresh base expects.
+PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def lora_adapted_copy(student: nn.Module, config: DistillConfig):
+    """A PeftModel around freshly loaded base weights carrying the trained adapters; refuses when
+    any trained adapter tensor fails to land (a silent drop would export the untouched base)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {PEFT_MODEL_PREFIX + name: tensor.detach().cpu() for name, tensor in get_peft_model_state_dict(student).items()}
     base = load_model(config.student, torch.float32, torch.device("cpu"), config.trust_remote_code)
-    wrapped = get_peft_model(base, lora_config(config))
-    set_peft_model_state_dict(wrapped, adapters)
-    return wrapped.merge_and_unload()
+    wrapped = with_lora(base, config)
+    result = set_peft_model_state_dict(wrapped, adapters)
+    expected = set(get_peft_model_state_dict(wrapped))
+    if result.unexpected_keys or expected != set(adapters):
+        dropped = sorted(set(result.unexpected_keys) | (expected ^ set(adapters)))
+        raise RuntimeError(f"LoRA export: {len(dropped)} adapter tensors do not match the base model (first: {dropped[0]})")
+    return wrapped
 
 
 # ---------------------------------------------------------------- the run
@@ -571,7 +593,12 @@ class Distillation:
             student = self.accelerator.unwrap_model(self.module).student
             temporary = target.with_name(f".tmp-{target.name}")
             shutil.rmtree(temporary, ignore_errors=True)
-            exported = merged_lora_copy(student, self.config) if self.config.lora.enabled else student
+            exported = student
+            if self.config.lora.enabled:
+                adapted = lora_adapted_copy(student, self.config)
+                if self.config.lora.export_adapter:
+                    adapted.save_pretrained(str(temporary / "adapter"), safe_serialization=True)
+                exported = adapted.merge_and_unload()
             exported.save_pretrained(str(temporary), safe_serialization=True)
             self.tokenizer.save_pretrained(str(temporary))
             shutil.rmtree(target, ignore_errors=True)
