@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 from typer.core import TyperGroup
 
 from mgsr_cli import __version__
-from mgsr_cli.errors import UsageError
+from mgsr_cli.errors import UsageError, error_line, is_parse_error
 from mgsr_cli.flags import distill_command
 
 
@@ -24,12 +24,16 @@ class _OneLineErrors(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UsageError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # every failure ends in one line; --verbose keeps the traceback
+            if not (isinstance(error, UsageError) or is_parse_error(error)) and ctx.find_root().params.get("verbose"):
+                raise
+            typer.echo(f"error: {error_line(error)}", err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -45,6 +49,7 @@ app = typer.Typer(
 
 OUT = typer.Option(..., "--out", help="Output directory (created; an unfinished run there is resumed).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace a complete run in --out instead of refusing.")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).")
@@ -124,7 +129,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed; same seed and batch size give the same output. [default: 0]"),
     max_length: Optional[int] = MAX_LENGTH,
     max_prompt_length: Optional[int] = MAX_PROMPT,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
     overwrite: bool = OVERWRITE,
@@ -144,6 +149,7 @@ def generate(
                 max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
             ),
         ),
+        "flag",
     )
     _finish(run_generate(config, out, overwrite))
 
@@ -162,7 +168,7 @@ def evaluate(
     top_k: Optional[int] = TOP_K,
     max_length: Optional[int] = MAX_LENGTH,
     max_prompt_length: Optional[int] = MAX_PROMPT,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
     overwrite: bool = OVERWRITE,
@@ -181,6 +187,7 @@ def evaluate(
                 max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
             ),
         ),
+        "flag",
     )
     _finish(run_evaluate(config, out, overwrite))
 
@@ -191,8 +198,8 @@ def correct(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model: hub id or local directory."),
     student: str = typer.Option(..., "--student", help="Student model: hub id or local directory."),
     out: Path = OUT,
-    divergence: Optional[str] = typer.Option(None, "--divergence", help="Token divergence d_i: fkl = KL(p||q) | rkl | js. [default: fkl]"),
-    teacher_token: Optional[str] = typer.Option(None, "--teacher-token", help="Teacher proposal: sample from p_i | argmax. [default: sample]"),
+    divergence: Optional[Literal["fkl", "rkl", "js"]] = typer.Option(None, "--divergence", help="Token divergence d_i: fkl = KL(p||q) | rkl | js. [default: fkl]"),
+    teacher_token: Optional[Literal["sample", "argmax"]] = typer.Option(None, "--teacher-token", help="Teacher proposal: sample from p_i | argmax. [default: sample]"),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Corrections per sequence, each after the last one. [default: 1]"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Re-generation temperature; 0 is greedy. [default: the input's]"),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Re-generation nucleus mass. [default: the input's]"),
@@ -201,7 +208,7 @@ def correct(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Prompt + revised response at most. [default: the input's]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of teacher proposals and re-generation. [default: 0]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per batch. [default: 8]"),
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
     overwrite: bool = OVERWRITE,

@@ -29,11 +29,36 @@ PROMPT_TEMPLATE_WITH_INPUT = (
 EVALUATION_SEEDS = (10, 20, 30, 40, 50)
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a help text (shown by `mgsr distill --help`)."""
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, **rules: float) -> Any:
+    """A dataclass field with a help text (shown by `--help`) and range rules checked whenever a
+    recipe or a flag sets it: ge / gt (at least / greater than), le / lt (at most / less than)."""
+    metadata = {"help": text, "rules": rules}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _rule(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, **rules: float) -> Any:
+    return _help("", default, factory, **rules)
+
+
+RULE_TEXT = {"ge": ("at least", lambda v, b: v >= b), "gt": ("greater than", lambda v, b: v > b),
+             "le": ("at most", lambda v, b: v <= b), "lt": ("less than", lambda v, b: v < b)}
+
+
+def rules_text(item: dataclasses.Field) -> str:
+    """The range of a field for help texts, e.g. '>= 1'."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return ", ".join(f"{signs[name]} {bound:g}" for name, bound in item.metadata.get("rules", {}).items())
+
+
+def _check_rules(value: Any, item: dataclasses.Field, where: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for name, bound in item.metadata.get("rules", {}).items():
+        text, holds = RULE_TEXT[name]
+        if not holds(value, bound):
+            raise UsageError(f"{where}: must be {text} {bound:g}, got {value!r}")
 
 
 @dataclass
@@ -47,7 +72,7 @@ class DataConfig:
     output_field: str | None = _help("Reference field; empty = detect 'output' or 'response'.", None)
     template: str = _help("Prompt template without input ({instruction}).", PROMPT_TEMPLATE)
     template_with_input: str = _help("Prompt template with input ({instruction}, {input}).", PROMPT_TEMPLATE_WITH_INPUT)
-    max_prompt_length: int = _help("Longer prompts are dropped (and counted).", 256)
+    max_prompt_length: int = _help("Longer prompts are dropped (and counted).", 256, ge=1)
     split: str = _help("Split of a hub data set.", "train")
 
 
@@ -59,11 +84,11 @@ class SamplingConfig:
     max_new_tokens None fills each prompt up to max_length tokens.
     """
 
-    temperature: float = _help("Sampling temperature; 0 = greedy.", 1.0)
-    top_p: float = _help("Nucleus mass; 1 = off.", 1.0)
-    top_k: int = _help("Top-k; 0 = off.", 0)
-    max_new_tokens: int | None = _help("New tokens per response; empty = up to max_length.", None)
-    max_length: int = _help("Prompt + response tokens at most.", 512)
+    temperature: float = _help("Sampling temperature; 0 = greedy.", 1.0, ge=0)
+    top_p: float = _help("Nucleus mass; 1 = off.", 1.0, gt=0, le=1)
+    top_k: int = _help("Top-k; 0 = off.", 0, ge=0)
+    max_new_tokens: int | None = _help("New tokens per response; empty = up to max_length.", None, ge=1)
+    max_length: int = _help("Prompt + response tokens at most.", 512, ge=2)
 
 
 @dataclass
@@ -77,9 +102,9 @@ class ModelLoading:
 class GenerateConfig:
     model: str = ""
     data: str = ""
-    limit: int | None = None
-    batch_size: int = 8
-    num_samples: int = 1
+    limit: int | None = _rule(None, ge=1)
+    batch_size: int = _rule(8, ge=1)
+    num_samples: int = _rule(1, ge=1)
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data_format: DataConfig = field(default_factory=DataConfig)
@@ -91,8 +116,8 @@ class EvaluateConfig:
     models: list[str] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: list(EVALUATION_SEEDS))
-    limit: int | None = None
-    batch_size: int = 16
+    limit: int | None = _rule(None, ge=1)
+    batch_size: int = _rule(16, ge=1)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data_format: DataConfig = field(default_factory=DataConfig)
     loading: ModelLoading = field(default_factory=ModelLoading)
@@ -108,7 +133,7 @@ class ScrgOptions:
 
     divergence: Literal["fkl", "rkl", "js"] = "fkl"
     teacher_token: Literal["sample", "argmax"] = "sample"
-    rounds: int = 1
+    rounds: int = _rule(1, ge=1)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -119,7 +144,7 @@ class CorrectConfig:
 
     teacher: str = ""
     student: str = ""
-    batch_size: int = 8
+    batch_size: int = _rule(8, ge=1)
     seed: int = 0
     scrg: ScrgOptions = field(default_factory=ScrgOptions)
     loading: ModelLoading = field(default_factory=ModelLoading)
@@ -129,65 +154,146 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, data: dict, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys and Literal choices."""
+def from_dict(cls: type, data: dict, where: str, path: tuple[str, ...] = ()) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types, choices, ranges and cross-field rules."""
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [item.name for item in dataclasses.fields(cls)]
-    values = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UsageError(f"{where}: unknown key '{key}'{hint}")
-        values[key] = _coerce(value, hints[key], f"{where}: {key}")
-    return cls(**values)
+        raise UsageError(f"{culprit(where, path)}: expected a mapping, got {type(data).__name__}")
+    fields = _fields(cls, data, where, path)
+    values = {key: _checked(value, fields[key], cls, where, (*path, key)) for key, value in data.items()}
+    return check(cls(**values), where, path)
 
 
-def override(config: Any, changes: dict, where: str = "flags") -> Any:
-    """A copy of `config` with `changes` applied; nested dataclasses take nested mappings."""
-    hints = typing.get_type_hints(type(config))
-    names = {item.name for item in dataclasses.fields(config)}
+def override(config: Any, changes: dict, where: str = "flags", path: tuple[str, ...] = ()) -> Any:
+    """A copy of `config` with `changes` applied; nested dataclasses take nested mappings.
+
+    `where` names the source in errors: "flags" names a flag `--a-b` by its whole key path (the
+    distill flags), "flag" as `--b` by its last key (the generate/evaluate/correct flags); any
+    other text is a recipe or file, whose keys are named as written.
+    """
+    fields = _fields(type(config), changes, where, path)
     updates = {}
     for key, value in changes.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UsageError(f"{where}: unknown key '{key}'{hint}")
         current = getattr(config, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            updates[key] = override(current, value, f"{where}: {key}")
+            updates[key] = override(current, value, where, (*path, key))
         else:
-            updates[key] = _coerce(value, hints[key], f"{where}: {key}")
-    return dataclasses.replace(config, **updates)
+            updates[key] = _checked(value, fields[key], type(config), where, (*path, key))
+    return check(dataclasses.replace(config, **updates), where, path)
+
+
+def culprit(where: str, path: tuple[str, ...]) -> str:
+    """The flag or key an error names: '--top-p' for flags, 'recipe r.yaml: lr' for recipes."""
+    if where == "flags":
+        return "--" + "-".join(path).replace("_", "-")
+    if where == "flag":
+        return "--" + path[-1].replace("_", "-")
+    return f"{where}: {'.'.join(path)}" if path else where
+
+
+def _fields(cls: type, data: dict, where: str, path: tuple[str, ...]) -> dict[str, dataclasses.Field]:
+    fields = {item.name: item for item in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{where if where not in ('flags', 'flag') else 'flags'}: unknown key '{'.'.join((*path, str(key)))}'{hint}")
+    return fields
+
+
+def _checked(value: Any, item: dataclasses.Field, cls: type, where: str, path: tuple[str, ...]) -> Any:
+    annotation = typing.get_type_hints(cls)[item.name]
+    if dataclasses.is_dataclass(annotation) and not isinstance(value, annotation):
+        return from_dict(annotation, value, where, path)
+    coerced = _coerce(value, annotation, culprit(where, path))
+    _check_rules(coerced, item, culprit(where, path))
+    return coerced
+
+
+def check(config: Any, where: str = "config", path: tuple[str, ...] = ()) -> Any:
+    """Rules across fields (and the device), named as the user wrote them; returns `config`."""
+
+    def name(dotted: str) -> str:
+        return culprit(where, (*path, *dotted.split(".")))
+    if isinstance(config, (GenerateConfig, EvaluateConfig)):
+        _check_lengths(config.sampling.max_length, config.data_format.max_prompt_length, name("sampling.max_length"), name("data_format.max_prompt_length"))
+    if isinstance(config, DistillConfig):
+        _check_lengths(config.max_length, config.data_format.max_prompt_length, name("max_length"), name("data_format.max_prompt_length"))
+        if config.batch_size % config.grad_accum:
+            raise UsageError(f"{name('batch_size')} {config.batch_size} does not split into {name('grad_accum')} {config.grad_accum} micro-batches")
+        check_device(config.device, name("device"))
+    if isinstance(config, EvaluateConfig):
+        if not config.seeds:
+            raise UsageError(f"{name('seeds')}: give at least one seed, e.g. 10,20,30,40,50")
+        repeated = sorted({seed for seed in config.seeds if config.seeds.count(seed) > 1})
+        if repeated:
+            raise UsageError(f"{name('seeds')}: seeds must be distinct, {', '.join(map(str, repeated))} is given twice")
+    if isinstance(config, ModelLoading):
+        check_device(config.device, name("device"))
+    return config
+
+
+def _check_lengths(max_length: int, max_prompt_length: int, length_name: str, prompt_name: str) -> None:
+    if max_length <= max_prompt_length:
+        raise UsageError(
+            f"{length_name} {max_length} must exceed {prompt_name} {max_prompt_length}: a prompt of that length leaves no room for a response"
+        )
+
+
+def check_device(name: str, culprit: str = "--device") -> None:
+    """auto, cpu, cuda[:N] (when CUDA and that GPU exist) or mps (when present); nothing else runs a model."""
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{culprit}: unknown device '{name}'; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{culprit}: '{name}' asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{culprit}: '{name}' asked for, but this machine has {torch.cuda.device_count()} GPUs")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{culprit}: '{name}' asked for, but MPS is not available on this machine")
+    else:
+        raise UsageError(f"{culprit}: mgsr cannot run models on '{name}'; choose auto, cpu, cuda or cuda:N")
 
 
 def recipe_path(name: str | Path) -> Path:
-    """A shipped recipe by name (`mgsr`, `kd`, ...) or a YAML file by path."""
+    """A shipped recipe by name (`mgsr`, `kd`, ...) always; a YAML file only when `name` is a path to one."""
     from importlib import resources
 
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+    shipped_dir = resources.files("mgsr_cli.recipes")
+    shipped = shipped_dir / f"{name}.yaml"
+    if "/" not in str(name) and "\\" not in str(name) and shipped.is_file():
+        return Path(str(shipped))
+    candidate = Path(name).expanduser()
+    if candidate.is_file():
         return candidate
-    shipped = resources.files("mgsr_cli.recipes") / f"{name}.yaml"
-    if not shipped.is_file():
-        names = sorted(entry.name[:-5] for entry in resources.files("mgsr_cli.recipes").iterdir() if entry.name.endswith(".yaml"))
-        raise UsageError(f"unknown recipe '{name}': give a YAML path or one of {', '.join(names)}")
-    return Path(str(shipped))
+    if candidate.is_dir():
+        raise UsageError(f"--recipe '{name}' is a directory; give a shipped recipe name or a YAML file")
+    names = sorted(entry.name[:-5] for entry in shipped_dir.iterdir() if entry.name.endswith(".yaml"))
+    if candidate.suffix in (".yaml", ".yml") or "/" in str(name):
+        raise UsageError(f"recipe '{name}' not found")
+    raise UsageError(f"unknown recipe '{name}': give a YAML path or one of {', '.join(names)}")
 
 
 def load_recipe(cls: type, path: Path) -> Any:
     """A config of type `cls` from a YAML recipe file."""
     import yaml
 
-    if not Path(path).exists():
-        raise UsageError(f"recipe '{path}' not found")
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe '{path}' not found" if not path.exists() else f"recipe '{path}' is not a file")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe '{path}' is not UTF-8 text (a YAML recipe must be UTF-8)") from None
     except yaml.YAMLError as error:
         raise UsageError(f"recipe '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
-    return from_dict(cls, data, f"recipe {path}")
+    return from_dict(cls, {} if data is None else data, f"recipe {path}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -218,8 +324,6 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{where}: expected a mapping of KEY: VALUE, got {value!r}")
         return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        return value if isinstance(value, annotation) else from_dict(annotation, value, where)
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -244,9 +348,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 @dataclass
 class LoraOptions:
     enabled: bool = _help("Train LoRA adapters on the student instead of all weights (needs peft).", False)
-    r: int = _help("LoRA rank.", 16)
-    alpha: int = _help("LoRA alpha.", 64)
-    dropout: float = _help("LoRA dropout.", 0.1)
+    r: int = _help("LoRA rank.", 16, ge=1)
+    alpha: int = _help("LoRA alpha.", 64, gt=0)
+    dropout: float = _help("LoRA dropout.", 0.1, ge=0, lt=1)
     target_modules: list[str] = _help("Module names to adapt; empty = peft's default for the architecture.", factory=list)
     export_adapter: bool = _help("Also save the trained adapter alone (peft format) in OUT/student/adapter.", False)
 
@@ -263,18 +367,18 @@ class DistillConfig:
     student: str = _help("Student model: hub id or local directory.", "")
     data: str = _help("Training data (anything --data takes); ground truth for L_SFT.", "dolly_train")
     dev_data: str | None = _help("Validation data; empty switches validation off.", "dolly_dev")
-    limit: int | None = _help("Use only the first N training examples.", None)
-    dev_limit: int | None = _help("Use only the first N validation examples (loss).", 200)
+    limit: int | None = _help("Use only the first N training examples.", None, ge=1)
+    dev_limit: int | None = _help("Use only the first N validation examples (loss).", 200, ge=1)
     data_format: DataConfig = _help("How rows become prompts.", factory=DataConfig)
-    max_length: int = _help("Prompt + response tokens at most (longer responses are cut).", 512)
+    max_length: int = _help("Prompt + response tokens at most (longer responses are cut).", 512, ge=2)
 
     loss: str = _help("Loss spec: a registry name or a weighted sum (e.g. 'sft=1,dac_kl=1,span=1').", "sft=1,dac_kl=1,span=1")
     loss_options: dict = _help("Options of the loss terms (dac_*, span_relation, rank_on, ...), as KEY=VALUE.", factory=dict)
-    temperature: float = _help("Distillation temperature (divides teacher and student logits; not sft).", 1.0)
+    temperature: float = _help("Distillation temperature (divides teacher and student logits; not sft).", 1.0, gt=0)
     span_prior: str = _help("How spans are found: phrases | words | fixed:N | spacy.", "phrases")
     span_pairs: Literal["adjacent", "all"] = _help("Token pairs inside a span the span loss compares.", "adjacent")
     sft_on_sgo: bool = _help("Compute sft on the student-generated batch instead of the ground truth (SeqKD).", False)
-    chunk_size: int = _help("Response positions projected through the output layer at a time.", 512)
+    chunk_size: int = _help("Response positions projected through the output layer at a time.", 512, ge=1)
 
     sgo_policy: str = _help(
         "Where distillation batches come from: none | on_policy | mixed:LAMBDA | adaptive_off_policy | static | once.",
@@ -286,33 +390,33 @@ class DistillConfig:
     scrg: bool = _help("Revise generated outputs with SCRG before training on them.", True)
     scrg_divergence: Literal["fkl", "rkl", "js"] = _help("SCRG token divergence d_i.", "fkl")
     scrg_teacher_token: Literal["sample", "argmax"] = _help("SCRG teacher proposal at the error position.", "sample")
-    scrg_rounds: int = _help("SCRG corrections per sequence.", 1)
-    replay_capacity: int = _help("Adaptive off-policy replay buffer size (sequences).", 1000)
-    theta_init: float = _help("Adaptive off-policy initial SGO probability θ.", 0.0)
-    theta_step: float = _help("θ increase when the validation loss rises.", 0.1)
-    theta_threshold: float = _help("Validation-loss rise that raises θ.", 0.1)
+    scrg_rounds: int = _help("SCRG corrections per sequence.", 1, ge=1)
+    replay_capacity: int = _help("Adaptive off-policy replay buffer size (sequences).", 1000, ge=1)
+    theta_init: float = _help("Adaptive off-policy initial SGO probability θ.", 0.0, ge=0, le=1)
+    theta_step: float = _help("θ increase when the validation loss rises.", 0.1, ge=0, le=1)
+    theta_threshold: float = _help("Validation-loss rise that raises θ.", 0.1, ge=0)
 
-    epochs: int | None = _help("Training epochs; empty = 20 below 1B student parameters, 10 above (method.md §7).", None)
-    max_steps: int | None = _help("Stop after N optimizer steps (overrides epochs).", None)
-    batch_size: int = _help("Sequences per optimizer step (global, over all processes).", 8)
-    grad_accum: int = _help("Micro-batches per optimizer step (batch_size must divide evenly).", 1)
-    lr: float | None = _help("Peak learning rate; empty = 5e-4 below 1B student parameters, 5e-5 above.", None)
-    min_lr: float = _help("Cosine schedule floor.", 1e-7)
-    warmup_steps: int = _help("Linear warmup steps.", 0)
-    weight_decay: float = _help("AdamW weight decay.", 0.01)
-    dac_lr: float = _help("Learning rate of DAC-KL's sub-network (own param group).", 1e-4)
-    grad_clip: float = _help("Gradient norm clip (0 = off).", 1.0)
+    epochs: int | None = _help("Training epochs; empty = 20 below 1B student parameters, 10 above (method.md §7).", None, ge=1)
+    max_steps: int | None = _help("Stop after N optimizer steps (overrides epochs).", None, ge=1)
+    batch_size: int = _help("Sequences per optimizer step (global, over all processes).", 8, ge=1)
+    grad_accum: int = _help("Micro-batches per optimizer step (batch_size must divide evenly).", 1, ge=1)
+    lr: float | None = _help("Peak learning rate; empty = 5e-4 below 1B student parameters, 5e-5 above.", None, gt=0)
+    min_lr: float = _help("Cosine schedule floor.", 1e-7, ge=0)
+    warmup_steps: int = _help("Linear warmup steps.", 0, ge=0)
+    weight_decay: float = _help("AdamW weight decay.", 0.01, ge=0)
+    dac_lr: float = _help("Learning rate of DAC-KL's sub-network (own param group).", 1e-4, gt=0)
+    grad_clip: float = _help("Gradient norm clip (0 = off).", 1.0, ge=0)
     disable_dropout: bool = _help("Switch dropout off in the student (deterministic steps, as TRL's GKD).", True)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
     lora: LoraOptions = _help("LoRA on the student.", factory=LoraOptions)
 
-    eval_every: int = _help("Validate every N steps (0 = only at the end).", 200)
+    eval_every: int = _help("Validate every N steps (0 = only at the end).", 200, ge=0)
     eval_rouge: bool = _help("Also sample on the dev set and score ROUGE-L; the best step is kept.", False)
-    eval_rouge_examples: int = _help("Dev prompts sampled for validation ROUGE-L.", 1000)
+    eval_rouge_examples: int = _help("Dev prompts sampled for validation ROUGE-L.", 1000, ge=1)
     eval_sampling: SamplingConfig = _help("Sampling for validation ROUGE-L.", factory=SamplingConfig)
-    save_every: int = _help("Checkpoint every N steps (0 = only at the end / on interrupt).", 200)
-    keep_checkpoints: int = _help("Checkpoints kept on disk.", 2)
-    log_every: int = _help("Write metrics every N steps.", 10)
+    save_every: int = _help("Checkpoint every N steps (0 = only at the end / on interrupt).", 200, ge=0)
+    keep_checkpoints: int = _help("Checkpoints kept on disk.", 2, ge=1)
+    log_every: int = _help("Write metrics every N steps.", 10, ge=1)
     seed: int = _help("Seed of data order, sampling and initialisation.", 42)
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.", "auto")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mgsr_cli.artifacts import RECORDS, is_stage_dir, iter_records
+from mgsr_cli.artifacts import RECORDS, is_stage_dir, read_stage
 from mgsr_cli.config import DataConfig
 from mgsr_cli.errors import UsageError
 
@@ -89,8 +89,9 @@ def _iter_rows(spec: str, source: Path | None, config: DataConfig) -> Iterator[t
         yield from _hub_rows(spec, config.split)
     elif is_stage_dir(source):
         seen = set()  # several samples per prompt are one example
-        for number, record in enumerate(iter_records(source / RECORDS), 1):
-            row = _stage_record_to_row(record)
+        _, records = read_stage(source, ("generate", "correct"))
+        for number, record in enumerate(records, 1):
+            row = _stage_record_to_row(record, f"{source / RECORDS}:{number}")
             if row["id"] not in seen:
                 seen.add(row["id"])
                 yield f"{source / RECORDS}:{number}", row
@@ -148,9 +149,11 @@ def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{spec}:row {number}", row
 
 
-def _stage_record_to_row(record: dict) -> dict:
+def _stage_record_to_row(record: dict, where: str) -> dict:
     """A generate/correct record read as data: its prompt and references, one row per example."""
-    return {"id": record.get("example_id", record["id"]), "prompt": record["prompt"], "output": record.get("references", [])}
+    if "prompt" not in record or ("example_id" not in record and "id" not in record):
+        raise UsageError(f"{where}: a stage record needs 'id' and 'prompt' (the record has: {', '.join(sorted(record))})")
+    return {"id": record.get("example_id", record.get("id")), "prompt": record["prompt"], "output": record.get("references", [])}
 
 
 def _row_to_example(row: dict, index: int, where: str, config: DataConfig) -> Example:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import typer
 
-from mgsr_cli.config import DistillConfig
+from mgsr_cli.config import DistillConfig, rules_text
 
 # Flags whose names differ from the field names, for the command-line contract.
 RENAMED = {"loss_options": "--loss-option"}
@@ -39,14 +40,32 @@ def _field_parameters(cls: type, prefix: str = "", defaults: Any = None) -> list
             parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[list[str]]))
             continue
         shown = "" if default in ("", None, []) else f" [default: {default}]"
-        if hints[field.name] is bool:
+        shown += f" [{rules_text(field)}]" if rules_text(field) else ""
+        kind = _flag_type(hints[field.name])
+        if kind is bool:
             option = typer.Option(None, f"{flag}/{flag.replace('--', '--no-', 1)}", help=help_text + shown, show_default=False)
             annotation: Any = Optional[bool]
+        elif isinstance(kind, tuple):
+            option = typer.Option(None, flag, help=help_text + shown, show_default=False)
+            annotation = Optional[Literal[kind]]
         else:
             option = typer.Option(None, flag, help=help_text + shown, show_default=False)
-            annotation = Optional[str]
+            annotation = Optional[kind]
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return parameters
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The Click type of a field's flag: int, float, bool, a tuple of choices, else str.
+
+    Optional numbers stay numbers (leave the flag out for the recipe's or the default value).
+    """
+    arguments = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(map(str, typing.get_args(annotation)))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(arguments) == 1:
+        return arguments[0] if arguments[0] in (int, float) else str
+    return annotation if annotation in (bool, int, float) else str
 
 
 def distill_command(body: Callable[..., None]) -> Callable[..., None]:

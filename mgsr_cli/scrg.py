@@ -370,7 +370,7 @@ def correct_config(input_dir: Path, teacher: str, student: str, changes: dict) -
     config = read_manifest(input_dir, INPUT_STAGES).get("config", {})
     recorded = config["scrg"].get("sampling", {}) if "scrg" in config else config.get("sampling", {})  # correct | generate
     sampling = from_dict(SamplingConfig, recorded, f"'{input_dir}' manifest: sampling")
-    return override(CorrectConfig(teacher=teacher, student=student, scrg=ScrgOptions(sampling=sampling)), changes)
+    return override(CorrectConfig(teacher=teacher, student=student, scrg=ScrgOptions(sampling=sampling)), changes, "flag")
 
 
 def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
@@ -380,7 +380,7 @@ def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite
     trust = config.loading.trust_remote_code
     tokenizer = load_tokenizer(config.student, trust)
     fingerprint = check_same_vocabulary(load_tokenizer(config.teacher, trust), tokenizer)
-    _, records = read_stage(input_dir, INPUT_STAGES, tokenizer=fingerprint)
+    _, records = read_stage(input_dir, INPUT_STAGES, tokenizer=fingerprint, vocab_size=len(tokenizer))
     device = resolve_device(config.loading.device)
     dtype = resolve_dtype(config.loading.dtype, device)
     teacher, student = (load_model(name, dtype, device, trust) for name in (config.teacher, config.student))

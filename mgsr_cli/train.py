@@ -360,7 +360,7 @@ class Distillation:
             if unfinished and not resume and not overwrite and checkpoint is not None:
                 raise UsageError(f"'{out_dir}' holds an unfinished distill run; pass --resume to continue it or --overwrite to restart")
             if resume and checkpoint is None:
-                raise UsageError(f"--resume: '{out_dir}' holds no checkpoint to resume from")
+                log.warning("--resume: '%s' holds no checkpoint yet; starting from step 0", out_dir)
         writer = None
         if self.accelerator.is_main_process:
             writer = StageWriter.open(
@@ -372,6 +372,7 @@ class Distillation:
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 overwrite=overwrite,
                 records_name="metrics.jsonl",
+                progress=checkpoint is not None,  # metrics without a checkpoint are redone from step 0
             )
         self.accelerator.wait_for_everyone()
         if resume and checkpoint is not None:

@@ -28,6 +28,7 @@ def test_resume_drops_a_cut_last_line_and_keeps_whole_records(tmp_path):
     writer.append([{"id": "1"}])
     with open(writer.records_path, "a") as handle:
         handle.write('{"id": "2", "resp')  # a crash in the middle of a write
+    writer.release()  # the crashed process's lock goes with it
     resumed = open_writer(tmp_path / "out")
     assert resumed.done_ids() == {"1"}
     resumed.append([{"id": "2"}])
@@ -38,6 +39,10 @@ def test_resume_drops_a_cut_last_line_and_keeps_whole_records(tmp_path):
 def test_refusals(tmp_path):
     out = tmp_path / "out"
     writer = open_writer(out)
+    writer.append([{"id": "1"}])
+    with pytest.raises(UsageError, match="being written by another mgsr run"):
+        open_writer(out)
+    writer.release()
     with pytest.raises(UsageError, match="holds 'generate' artifacts, not 'correct'"):
         open_writer(out, stage="correct")
     with pytest.raises(UsageError, match="different config"):
