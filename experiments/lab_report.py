@@ -83,6 +83,13 @@ def collect(scale, runs: Path, timings) -> dict:
         for label in labels:
             run_details[label] = _run_details(runs / "distill" / label, timings.units.get(label))
     teacher_report = _json(evaluate / "teacher" / "report.json")
+    from experiments.lab_evidence import collect_evidence
+    from mgsr_cli.config import DistillConfig, from_dict
+
+    configs = {}
+    for recipe in scale.recipes:
+        run = runs / "distill" / f"{recipe}-s{scale.train_seeds[0]}"
+        configs[recipe] = from_dict(DistillConfig, _json(run / "manifest.json")["config"], str(run))
     student = AutoModelForCausalLM.from_pretrained(str(runs / "student-init" / "student"))
     dolly_references = [example.references[0] for example in load_examples("dolly", DataConfig(), 200)]
     overrides = scale.distill_overrides(seed=scale.train_seeds[0])
@@ -100,6 +107,7 @@ def collect(scale, runs: Path, timings) -> dict:
         "examples_per_set": {name: teacher_report["results"]["teacher"][name]["examples"] for name in SET_TITLES},
         "recipes": {recipe: _recipe_settings(runs / "distill" / f"{recipe}-s{scale.train_seeds[0]}", student) for recipe in scale.recipes},
         "rows": rows,
+        "evidence": collect_evidence(scale, runs, configs),
         "runs": run_details,
         "timings": {"phases": timings.phases, "units": timings.units, "invocations": timings.invocations},
     }
@@ -166,27 +174,29 @@ def anomalies(data: dict) -> list[str]:
 
 
 def findings(data: dict) -> list[str]:
-    """Plain statements computed from the table (no judgement of significance beyond mean ± std)."""
-    rows = data["rows"]
+    """Plain statements computed from the table and the paired comparison (a CI that includes 0 is not resolved)."""
+    from experiments.lab_fidelity import METRICS
+    from experiments.lab_stats import resolved
+
+    rows, comparisons = data["rows"], data["evidence"]["comparisons"]
     methods = {key: row for key, row in rows.items() if "recipe" in row}
     average = {key: row["average"]["mean"] for key, row in methods.items()}
     ranked = sorted(average, key=average.get, reverse=True)
-    spread = average[ranked[0]] - average[ranked[-1]]
-    median_std = sorted(row["average"]["std"] for row in methods.values())[len(methods) // 2]
     teacher, init = rows["teacher"]["average"]["mean"], rows["student-init"]["average"]["mean"]
-    sft = methods["sft"]["average"] if "sft" in methods else None
     lines = [
         f"Teacher average {teacher:.2f}, student before distillation {init:.2f} (gap {teacher - init:+.2f}).",
         f"Method averages range from {average[ranked[-1]]:.2f} ({ranked[-1]}) to {average[ranked[0]]:.2f} ({ranked[0]}), "
-        f"a spread of {spread:.2f}; the median std over training seeds of a method's average is {median_std:.2f}.",
+        f"a spread of {average[ranked[0]] - average[ranked[-1]]:.2f}.",
         "Order by average: " + " > ".join(ranked) + ".",
     ]
-    if sft is not None:
-        above = [key for key in ranked if key != "sft" and average[key] - sft["mean"] > max(methods[key]["average"]["std"], sft["std"])]
-        below = [key for key in ranked if key != "sft" and sft["mean"] - average[key] > max(methods[key]["average"]["std"], sft["std"])]
+    for metric, comparison in comparisons.items():
+        signs = {}
+        for key, entry in comparison["differences"].items():
+            better = entry if comparison["higher_is_better"] else {**entry, "low": -entry["high"], "high": -entry["low"]}
+            signs.setdefault(resolved(better), []).append(key)
         lines.append(
-            f"Against SFT w/o KD ({sft['mean']:.2f}): above it by more than one std: {', '.join(above) or 'none'}; "
-            f"below it by more than one std: {', '.join(below) or 'none'}."
+            f"{METRICS[metric][0]}, against the best baseline `{comparison['best_baseline']}`: resolved better: {', '.join(signs.get('+', [])) or 'none'}; "
+            f"resolved worse: {', '.join(signs.get('−', [])) or 'none'}; not resolved: {', '.join(signs.get('≈', [])) or 'none'}."
         )
     return lines
 
@@ -200,6 +210,8 @@ def markdown(data: dict) -> str:
     odd = anomalies(data)
     quick = scale["name"] == "quick"
     phases = data["timings"]["phases"]
+    from experiments.lab_evidence import markdown as evidence_markdown
+
     lines = [
         "# Lab study: every recipe distilling one tiny GPT-2 teacher on a CPU" + (" (--quick: pipeline check only)" if quick else ""),
         "",
@@ -220,6 +232,7 @@ def markdown(data: dict) -> str:
         "",
         "![Average ROUGE-L per method, error bars: std over training seeds](lab.png)",
         "",
+        *evidence_markdown(data["evidence"], {key: row["title"] for key, row in data["rows"].items()}),
         "## What this shows and what it does not",
         "",
         *[f"- {line}" for line in findings(data)],
@@ -229,10 +242,10 @@ def markdown(data: dict) -> str:
         f"compare when a {teacher['parameters'] / 1e6:.2f}M-parameter teacher distills a {student['parameters'] / 1e6:.2f}M-parameter "
         f"student for {scale['distill_steps']} steps of {scale['batch_size']} sequences. It does not reproduce the paper: the teacher is "
         f"{PAPER_PARAMETERS['teacher'] / teacher['parameters']:,.0f}x smaller than GPT-2 XL and the student "
-        f"{PAPER_PARAMETERS['student'] / student['parameters']:,.0f}x smaller than GPT-2 base, the teacher itself is weak (its row above), "
+        f"{PAPER_PARAMETERS['student'] / student['parameters']:,.0f}x smaller than GPT-2 base, "
         "training is a fraction of an epoch instead of 20 epochs, responses are cut "
         f"at {scale['response_tokens']} tokens, no checkpoint is selected by validation ROUGE-L, and each cell rests on the first "
-        f"{scale['eval_examples']} examples of a set. Differences smaller than the seed std are noise; the ranking at this scale "
+        f"{scale['eval_examples']} examples of a set. Differences whose paired CI includes 0 are not resolved; the ranking at this scale "
         "says nothing about the ranking at the paper's scale.",
         "",
         "## Setup",

@@ -46,6 +46,24 @@ def test_quick_lab_writes_the_table_chart_and_json_and_resumes(tmp_path):
     assert set(data["runs"]) == {f"{recipe}-s{seed}" for recipe in RECIPES for seed in QUICK.train_seeds}
     assert all(run["steps"] == QUICK.distill_steps for run in data["runs"].values())
 
+    evidence = data["evidence"]
+    from experiments.lab_fidelity import METRICS
+
+    assert set(evidence["comparisons"]) == set(METRICS)
+    for metric, comparison in evidence["comparisons"].items():
+        assert set(comparison["scores"]) == {"teacher", "student-init", *RECIPES}
+        assert all(entry["low"] <= entry["estimate"] <= entry["high"] for entry in comparison["scores"].values()), metric
+        assert set(comparison["differences"]) == set(RECIPES) - {comparison["best_baseline"]}
+        assert comparison["mde"] >= 0
+    for metric in ("kl_ts_gt", "kl_st_gt", "kl_ts_tgen", "kl_st_tgen"):  # the teacher against itself: KL 0 up to float16 caching
+        assert abs(evidence["comparisons"][metric]["scores"]["teacher"]["estimate"]) < 1e-2
+        assert evidence["comparisons"][metric]["scores"]["student-init"]["estimate"] > 0
+    assert 0 <= evidence["scrg"]["changed"] <= 1 and evidence["scrg"]["sequences"] > 0
+    assert "dac_band_mass" in evidence["logged_terms"]["mgsr-s1"] and "span" in evidence["logged_terms"]["mgsr-s1"]
+    markdown = report.read_text(encoding="utf-8")
+    for heading in ("## Paired comparison", "### Difference to the best baseline", "Minimum detectable effect", "## Mechanism checks", "## Tuning budget"):
+        assert heading in markdown
+
     units = dict(data["timings"]["units"])
     run_lab(tmp_path, QUICK, workers=1)
     again = json.loads((tmp_path / "lab.json").read_text())
