@@ -106,7 +106,17 @@ def lock_output(out_dir: Path):
         lock.acquire()
     except Timeout:
         raise UsageError(f"output directory '{out_dir}' is being written by another mgsr run; wait for it or choose another --out") from None
+    _HELD.append(lock)
     return lock
+
+
+_HELD: list = []
+
+
+def release_locks() -> None:
+    """Drop every output lock this process holds (a command ended, also by an error)."""
+    while _HELD:
+        _HELD.pop().release()
 
 
 def make_output_dir(out_dir: Path) -> None:
@@ -253,6 +263,8 @@ class StageWriter:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+            if self.lock in _HELD:
+                _HELD.remove(self.lock)
             self.lock = None
 
 

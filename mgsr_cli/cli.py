@@ -34,6 +34,10 @@ class _OneLineErrors(TyperGroup):
                 raise
             typer.echo(f"error: {error_line(error)}", err=True)
             raise typer.Exit(2) from None
+        finally:
+            from mgsr_cli.artifacts import release_locks
+
+            release_locks()
 
 
 app = typer.Typer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -124,18 +125,35 @@ def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{number}", row
+    """Rows of a JSONL file, gzip-compressed or not (told by its first bytes, not its name); UTF-8 only."""
+    with open(path, "rb") as probe:
+        head = probe.read(4)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"{path}: the file is UTF-16 text; mgsr reads UTF-8 only (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
+    compressed = head.startswith(b"\x1f\x8b")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            for number, raw in enumerate(handle, 1):
+                yield from _jsonl_row(path, number, raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise UsageError(f"{path}: damaged gzip data ({str(error) or type(error).__name__})") from None
+
+
+def _jsonl_row(path: Path, number: int, raw: bytes) -> Iterator[tuple[str, dict]]:
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}:{number}: not UTF-8 text (mgsr reads UTF-8 only)") from None
+    if not line.strip():
+        return
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        cut = "" if raw.endswith(b"\n") else "; the line is cut short"
+        raise UsageError(f"{path}:{number}: malformed JSON ({error.msg}{cut})") from None
+    if not isinstance(row, dict):
+        raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    yield f"{path}:{number}", row
 
 
 def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
@@ -157,24 +175,48 @@ def _stage_record_to_row(record: dict, where: str) -> dict:
 
 
 def _row_to_example(row: dict, index: int, where: str, config: DataConfig) -> Example:
+    """One row as an Example; every field it reads is checked (type, empty text) and named on error."""
     prompt = row.get(config.prompt_field) if config.prompt_field else None
-    if prompt is None:
-        instruction = _field(row, config.instruction_field, INSTRUCTION_FIELDS, where, required=True)
-        context = _field(row, config.input_field, INPUT_FIELDS, where, required=False)
+    if prompt is not None:
+        _text(prompt, config.prompt_field, where)
+    else:
+        name, instruction = _field(row, config.instruction_field, INSTRUCTION_FIELDS, where, required=True)
+        _text(instruction, name, where)
+        name, context = _field(row, config.input_field, INPUT_FIELDS, where, required=False)
+        if context is not None and not isinstance(context, str):
+            raise UsageError(f"{where}: field '{name}' must be a string, got {_shown(context)}")
         prompt = format_prompt(instruction, context or "", config)
-    output = _field(row, config.output_field, OUTPUT_FIELDS, where, required=False)
-    references = tuple(output) if isinstance(output, list) else ((output,) if output else ())
-    return Example(id=str(row.get("id", index)), prompt=prompt, references=references)
+    name, output = _field(row, config.output_field, OUTPUT_FIELDS, where, required=False)
+    outputs = output if isinstance(output, list) else ([] if output is None else [output])
+    for reference in outputs:
+        _text(reference, name, where)
+    identifier = row.get("id", index)
+    if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+        raise UsageError(f"{where}: field 'id' must be a string or an integer, got {_shown(identifier)}")
+    return Example(id=str(identifier), prompt=prompt, references=tuple(outputs))
+
+
+def _text(value, name: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: field '{name}' must be a string, got {_shown(value)}")
+    if not value.strip():
+        raise UsageError(f"{where}: field '{name}' is empty")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _field(row: dict, configured: str | None, candidates: tuple[str, ...], where: str, required: bool):
+    """(name, value) of the first of the field names present in the row."""
     names = (configured,) if configured else candidates
     for name in names:
         if name in row:
-            return row[name]
+            return name, row[name]
     if required:
         raise UsageError(f"{where}: missing field '{names[0]}' (the row has: {', '.join(sorted(row)) or 'no fields'})")
-    return None
+    return names[0], None
 
 
 def format_prompt(instruction: str, context: str, config: DataConfig) -> str:

@@ -83,12 +83,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     """A causal LM in eval mode on `device`; safetensors weights are preferred when both exist."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _check_exists(name, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(_resolve(name), trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as error:  # damaged weights too
         raise UsageError(f"cannot load model '{name}': {_first_line(error)}") from None
     return model.to(device).eval()
 
