@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgsr_cli.artifacts import atomic_write_text
+from mgsr_cli.errors import UsageError
 from mgsr_cli.sgo import SgoState
 
 LATEST = "latest"
@@ -56,7 +57,12 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> Path:
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=False)
+    try:
+        accelerator.save_state(str(temporary), safe_serialization=False)
+    except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as either
+        shutil.rmtree(temporary, ignore_errors=True)
+        text = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise UsageError(f"cannot write checkpoint '{temporary}': {text}; the last complete checkpoint is kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -1,0 +1,200 @@
+"""Crashes and concurrency as real processes: SIGKILL at chosen points of every stage (output-dir
+creation, record appends, a checkpoint write), two writers on one --out, a full disk. Each run is
+then finished in-process and compared with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mgsr_cli.cli import app
+
+from .test_distill_robustness import distill_args
+
+runner = CliRunner()
+
+# Run the CLI in a child whose named function SIGKILLs the process at the chosen call.
+BOOT = """
+import os, signal, sys, time
+from pathlib import Path
+point, when = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def die_after(module, name, condition=lambda *a, **k: True, hang=False):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        result = None if name == "replace" else original(*args, **kwargs)
+        if condition(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == when:
+                if hang:
+                    Path(os.environ["MGSR_TEST_MARK"]).write_text("open")
+                    time.sleep(600)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs) if name == "replace" else result
+    setattr(module, name, wrapped)
+from mgsr_cli import artifacts
+if point == "manifest-rename":  # the temp manifest is written, the rename never happens
+    die_after(os, "replace", lambda src, dst: str(dst).endswith("manifest.json"))
+elif point == "append":
+    die_after(artifacts.StageWriter, "append")
+elif point == "open-and-hold":
+    die_after(artifacts.StageWriter, "open", hang=True)
+elif point == "checkpoint-write":  # Accelerate wrote the temporary checkpoint; not renamed yet
+    import accelerate
+    die_after(accelerate.Accelerator, "save_state")
+from mgsr_cli.cli import main
+sys.argv = ["mgsr", *sys.argv[3:]]
+main()
+"""
+
+
+def crash(point: str, when: int, *args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BOOT, point, str(when), *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def assert_same_as_straight(out: Path, straight: Path, count: int) -> None:
+    got = records(out)
+    ids = [record["id"] for record in got]
+    assert len(ids) == len(set(ids)) == count, "no duplicate and no lost record"
+    expected = {record["id"]: record for record in records(straight)}
+    assert {record["id"]: record for record in got} == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["record_count"] == count
+
+
+def generate_args(tiny_pair, out: Path) -> list:
+    return ["generate", "--model", tiny_pair[1], "--data", "dolly", "--limit", "4", "--batch-size", "2", "--max-new-tokens", "3",
+            "--out", out]
+
+
+def test_generate_killed_while_creating_its_output_then_mid_append(tiny_pair, tmp_path):
+    straight = tmp_path / "straight"
+    assert invoke(*generate_args(tiny_pair, straight)).exit_code == 0
+    out = tmp_path / "out"
+    killed = crash("manifest-rename", 1, *generate_args(tiny_pair, out))
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists() and any(out.glob(".manifest.json.*.tmp")), "only a temp manifest is left"
+    killed = crash("append", 1, *generate_args(tiny_pair, out))  # the leftover is cleaned, one batch is written
+    assert killed.returncode == -signal.SIGKILL and len(records(out)) == 2
+    assert not list(out.glob(".manifest.json.*.tmp"))
+    resumed = invoke(*generate_args(tiny_pair, out))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_as_straight(out, straight, 4)
+
+
+def test_correct_and_evaluate_killed_mid_append_resume_to_the_same_records(tiny_pair, tmp_path):
+    generated = tmp_path / "gen"
+    assert invoke(*generate_args(tiny_pair, generated)).exit_code == 0
+    correct = ["correct", "--input", generated, "--teacher", tiny_pair[0], "--student", tiny_pair[1], "--batch-size", "2", "--out"]
+    evaluate = ["evaluate", "--model", tiny_pair[1], "--data", "vicuna", "--limit", "2", "--batch-size", "1", "--seeds", "10,20",
+                "--max-new-tokens", "3", "--out"]
+    for args, count in ((correct, 4), (evaluate, 4)):
+        straight, out = tmp_path / f"{args[0]}-straight", tmp_path / f"{args[0]}-killed"
+        assert invoke(*args, straight).exit_code == 0
+        killed = crash("append", 1, *args, out)
+        assert killed.returncode == -signal.SIGKILL
+        assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+        assert 0 < len(records(out)) < count
+        resumed = invoke(*args, out)
+        assert resumed.exit_code == 0, resumed.output
+        assert_same_as_straight(out, straight, count)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "student" / "model.safetensors"))
+
+
+def _steps(out: Path) -> list[int]:
+    return [line["step"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in line]
+
+
+def test_distill_killed_before_its_first_checkpoint_and_during_a_checkpoint_write(tiny_pair, tmp_path):
+    extra = ["--recipe", "kd", "--max-steps", "3", "--save-every", "1", "--eval-every", "0", "--dev-data", ""]
+    straight = tmp_path / "straight"
+    assert invoke(*distill_args(tiny_pair, straight, *extra)).exit_code == 0
+
+    out = tmp_path / "killed"
+    killed = crash("checkpoint-write", 1, *distill_args(tiny_pair, out, *extra))  # before the first checkpoint is in place
+    assert killed.returncode == -signal.SIGKILL and _steps(out) == [1]
+    assert not (out / "checkpoints" / "latest").exists()
+    killed = crash("checkpoint-write", 2, *distill_args(tiny_pair, out, *extra))  # a plain re-run starts clean
+    assert killed.returncode == -signal.SIGKILL and _steps(out) == [1, 2]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    resumed = invoke(*distill_args(tiny_pair, out, *extra), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert _steps(out) == [1, 2, 3], "metrics agree with the checkpoint: no step twice, none lost"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    expected, got = _weights(straight), _weights(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_second_writer_stops_at_once_while_the_first_holds_the_output(tiny_pair, tmp_path):
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    first = subprocess.Popen([sys.executable, "-c", BOOT, "open-and-hold", "1", *map(str, generate_args(tiny_pair, out))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, "MGSR_TEST_MARK": str(mark)})
+    try:
+        deadline = time.time() + 120
+        while not mark.exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        started = time.perf_counter()
+        second = invoke(*generate_args(tiny_pair, out))
+        assert second.exit_code == 2
+        assert "being written by another mgsr run" in second.stderr.splitlines()[-1]
+        assert time.perf_counter() - started < 30
+    finally:
+        first.kill()
+        first.wait()
+    again = invoke(*generate_args(tiny_pair, out))  # the kernel dropped the dead writer's lock
+    assert again.exit_code == 0, again.output
+    ids = [record["id"] for record in records(out)]
+    assert len(ids) == len(set(ids)) == 4
+
+
+def _small_files(limit: int):
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_file_size
+
+
+def test_a_full_disk_while_appending_records_and_saving_a_checkpoint(tiny_pair, tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    assert invoke(*generate_args(tiny_pair, straight)).exit_code == 0
+    size = (straight / "records.jsonl").stat().st_size
+    full = subprocess.run([sys.executable, "-m", "mgsr_cli.cli", *map(str, generate_args(tiny_pair, out))],
+                          capture_output=True, text=True, preexec_fn=_small_files(size // 2))
+    assert full.returncode == 2 and "Traceback" not in full.stderr
+    assert full.stderr.splitlines()[-1].startswith("error: cannot access") and "records.jsonl" in full.stderr.splitlines()[-1]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    resumed = invoke(*generate_args(tiny_pair, out))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_as_straight(out, straight, 4)
+
+    run = tmp_path / "distill"
+    full = subprocess.run([sys.executable, "-m", "mgsr_cli.cli", *distill_args(tiny_pair, run, "--recipe", "kd", "--max-steps", "2",
+                                                                                "--eval-every", "0", "--dev-data", "")],
+                          capture_output=True, text=True, preexec_fn=_small_files(1 << 20))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    last = full.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "checkpoint" in last, last
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running" and not (run / "student").exists()
