@@ -419,7 +419,7 @@ class DistillConfig:
     log_every: int = _help("Write metrics every N steps.", 10, ge=1)
     seed: int = _help("Seed of data order, sampling and initialisation.", 42)
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.", "auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Training precision (autocast over float32 weights): auto = bf16 on CUDA, fp32 on CPU; bfloat16 autocasts on the CPU too; float16 needs CUDA.", "auto")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Teacher weights' precision.", "auto")
     device: str = _help("auto | cpu | cuda (under accelerate launch each process takes its own GPU).", "auto")
     trust_remote_code: bool = _help("Allow model code from the hub.", False)

@@ -251,9 +251,13 @@ class Distillation:
 
     def __init__(self, config: DistillConfig, out_dir: Path, resume: bool, overwrite: bool):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.config, self.out_dir = config, Path(out_dir)
         cpu = config.device == "cpu" or not torch.cuda.is_available()
+        # Accelerate keeps one process-wide state and refuses a second precision; one process may run
+        # several distills (demo, lab, tests), so each starts from a fresh one (the process group stays).
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=self._mixed_precision(cpu))
         self.device = self.accelerator.device
         self.policy = Policy.parse(config.sgo_policy)
@@ -279,9 +283,11 @@ class Distillation:
         self.stop_requested = False
 
     def _mixed_precision(self, cpu: bool) -> str:
-        if cpu:
-            return "no"
-        dtype = resolve_dtype(self.config.dtype, torch.device("cuda"))
+        """`--dtype` as Accelerate's autocast over fp32 master weights: bf16 and fp16 on CUDA, bf16 on
+        the CPU too (torch's CPU autocast); fp16 on the CPU has no autocast and is refused."""
+        dtype = resolve_dtype(self.config.dtype, torch.device("cpu" if cpu else "cuda"))
+        if cpu and dtype == torch.float16:
+            raise UsageError("--dtype float16 needs CUDA (the CPU autocasts to bfloat16 only): use --dtype bfloat16 or float32")
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
     def _load_tokenizers(self) -> None:
@@ -639,6 +645,9 @@ class Distillation:
                 best_val_rougeL=self.state.best_score,
                 sgo_steps=self.state.sgo.sgo_steps,
                 processes=self.world,
+                # Training autocasts (see _mixed_precision); the weights it updates and saves stay float32.
+                training_precision=self.accelerator.mixed_precision,
+                student_dtype=str(self.accelerator.unwrap_model(self.module).student.dtype).removeprefix("torch."),
                 theta=self.state.sgo.theta,
                 final=last_metrics,
             )
