@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from experiments.lab_fidelity import METRICS, Fidelity, example_ids, is_gradient_log, logged, records_by_key, rouge_scores, scrg_check
-from experiments.lab_stats import MDE_FACTOR, REPLICATES, compare, resolved, teacher_gap
+from experiments.lab_stats import MDE_FACTOR, REPLICATES, compare, difference, resolved, teacher_gap
+from mgsr_cli.artifacts import atomic_write_json
+
+# MGSR's ablations: what taking each component away changes (the paired difference mgsr - ablation).
+COMPONENTS = {"mgsr_no_scrg": "SCRG", "mgsr_fkl": "DAC-KL (instead of FKL)", "mgsr_no_span": "span loss"}
 
 
 def _labels(scale) -> dict[str, list[str]]:
@@ -49,17 +53,34 @@ def collect_evidence(scale, runs: Path, configs: dict) -> dict:
     methods = list(scale.recipes)
     baselines = [recipe for recipe in methods if not recipe.startswith("mgsr")] or methods
     comparisons = {metric: compare(models[metric], methods, baselines, METRICS[metric][1]) for metric in METRICS}
+    components = {
+        ablation: {metric: difference(models[metric]["mgsr"], models[metric][ablation]) for metric in METRICS}
+        for ablation in COMPONENTS
+        if "mgsr" in methods and ablation in methods
+    }
     terms = {label: logged(runs / "distill" / label, [t.name for t in _terms(configs[recipe].loss)]) for recipe in methods for label in labels[recipe]}
     mgsr = next((recipe for recipe in methods if configs[recipe].scrg and configs[recipe].sgo_policy != "none"), None)
     return {
         "fidelity_examples_per_set": {name: len(keys) for name, keys in fidelity.ids.items()},
         "comparisons": comparisons,
         "teacher_gap": {metric: teacher_gap(comparison, methods) for metric, comparison in comparisons.items()},
-        "scrg": scrg_check(fidelity, _model_dir(runs, "student-init"), configs[mgsr], seed=0) if mgsr else None,
+        "components": components,
+        "scrg": _cached(runs / "fidelity" / "scrg.json", lambda: scrg_check(fidelity, _model_dir(runs, "student-init"), configs[mgsr], seed=0)) if mgsr else None,
         "scrg_recipe": mgsr,
         "logged_terms": terms,
         "tuning": tuning_budget(scale),
     }
+
+
+def _cached(path: Path, compute):
+    """A result kept beside the fidelity caches, so a re-run of the report reuses it."""
+    import json
+
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    atomic_write_json(path, result)
+    return result
 
 
 def _terms(loss: str):
@@ -99,9 +120,19 @@ def markdown(evidence: dict, titles: dict[str, str]) -> list[str]:
             if entry is None:
                 cells.append("best baseline")
                 continue
-            better = entry if METRICS[metric][1] else {**entry, "low": -entry["high"], "high": -entry["low"]}
-            cells.append(f"{_ci(entry, 2 if metric == 'rougeL' else 3)} {resolved(better)}")
+            cells.append(f"{_ci(entry, 2 if metric == 'rougeL' else 3)} {resolved(entry, METRICS[metric][1])}")
         lines.append(f"| {titles.get(row, row)} | " + " | ".join(cells) + " |")
+    if evidence["components"]:
+        lines += [
+            "",
+            "### What each MGSR component gives (paired difference `mgsr` − ablation; + means the component helps)",
+            "",
+            "| component (ablation) | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+            "|---" + "|---:" * len(metrics) + "|",
+        ]
+        for ablation, entries in evidence["components"].items():
+            cells = [f"{_ci(entries[m], 2 if m == 'rougeL' else 3)} {resolved(entries[m], METRICS[m][1])}" for m in metrics]
+            lines.append(f"| {COMPONENTS[ablation]} (`{ablation}`) | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Minimum detectable effect (two-sided 5% test, 80% power: {MDE_FACTOR:.2f} × the median SE of a difference): "

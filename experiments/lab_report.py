@@ -192,8 +192,7 @@ def findings(data: dict) -> list[str]:
     for metric, comparison in comparisons.items():
         signs = {}
         for key, entry in comparison["differences"].items():
-            better = entry if comparison["higher_is_better"] else {**entry, "low": -entry["high"], "high": -entry["low"]}
-            signs.setdefault(resolved(better), []).append(key)
+            signs.setdefault(resolved(entry, comparison["higher_is_better"]), []).append(key)
         lines.append(
             f"{METRICS[metric][0]}, against the best baseline `{comparison['best_baseline']}`: resolved better: {', '.join(signs.get('+', [])) or 'none'}; "
             f"resolved worse: {', '.join(signs.get('−', [])) or 'none'}; not resolved: {', '.join(signs.get('≈', [])) or 'none'}."
@@ -210,6 +209,7 @@ def markdown(data: dict) -> str:
     odd = anomalies(data)
     quick = scale["name"] == "quick"
     phases = data["timings"]["phases"]
+    from experiments.lab import GPU
     from experiments.lab_evidence import markdown as evidence_markdown
 
     lines = [
@@ -268,6 +268,14 @@ def markdown(data: dict) -> str:
         f"- Evaluation (method.md §6): sampling at temperature 1, no top-k / top-p, prompts ≤ 256 tokens; deviations: "
         f"responses cut at {scale['response_tokens']} new tokens (paper: up to length 512), evaluation seeds {', '.join(map(str, eval_seeds))} "
         f"(paper: 10-50), the first {scale['eval_examples']} examples of each set (paper: all). Examples kept after the prompt limit: {examples}.",
+        f"- Profile `{scale['name']}`."
+        + (
+            ""
+            if scale["name"] == "gpu"
+            else f" The `--scale gpu` profile (teacher {GPU.teacher.n_layer}×{GPU.teacher.n_embd}, student {GPU.student.n_layer}×{GPU.student.n_embd}, "
+            f"{len(GPU.train_seeds)} training seeds, {GPU.distill_steps} distillation steps, {GPU.eval_examples} examples per set; sized for about "
+            "8 minutes on one H100-class GPU, an estimate) needs a CUDA GPU: it is not part of this report, and no GPU was available to run it."
+        ),
         "",
         "## Per recipe: settings and training",
         "",

@@ -78,8 +78,10 @@ def teacher_gap(comparison: dict, methods: list[str]) -> dict:
     return {"gap": gap, "half_width": half_width, "ratio": gap / half_width if half_width else float("inf"), "met": gap >= 3 * half_width}
 
 
-def resolved(entry: dict) -> str:
-    """'+' / '−' when the CI excludes 0, '≈' otherwise."""
+def resolved(entry: dict, higher_is_better: bool = True) -> str:
+    """'+' (better) / '−' (worse) when the difference's CI excludes 0, '≈' otherwise."""
+    if not higher_is_better:
+        entry = {"low": -entry["high"], "high": -entry["low"]}
     if entry["low"] > 0:
         return "+"
     return "−" if entry["high"] < 0 else "≈"
