@@ -9,6 +9,7 @@ project them through the output layer in chunks, cut to the tokenizer's real voc
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -22,11 +23,20 @@ def backbone(model) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+@functools.cache
+def _forward_parameters(module_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(module_class.forward).parameters)
+
+
+def accepts(module: nn.Module, argument: str) -> bool:
+    """Whether the module's forward takes `argument`, read once per class: decoding asks every step."""
+    return argument in _forward_parameters(type(module))
+
+
 def cache_argument(module: nn.Module, cache) -> dict:
     """The KV cache under the keyword this transformers version's forward takes: `cache` since the
     5.x rename, `past_key_values` before (passing the old name now warns and goes away in 5.40)."""
-    parameters = inspect.signature(module.forward).parameters
-    return {"cache" if "cache" in parameters else "past_key_values": cache}
+    return {"cache" if accepts(module, "cache") else "past_key_values": cache}
 
 
 def returned_cache(output):

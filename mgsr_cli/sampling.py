@@ -9,14 +9,13 @@ its seed alone (and a resumed run identical to an uninterrupted one).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mgsr_cli.config import SamplingConfig
-from mgsr_cli.heads import cache_argument, returned_cache
+from mgsr_cli.heads import accepts, cache_argument, returned_cache
 from mgsr_cli.models import eos_token_ids
 
 
@@ -66,7 +65,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 def forward_step(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None):
     """Run `input_ids` through the model with a cache; return the last position's logits and the cache."""
-    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -76,10 +75,6 @@ def forward_step(model, input_ids: Tensor, attention_mask: Tensor, position_ids:
         **kwargs,
     )
     return output.logits[:, -1, :], returned_cache(output)
-
-
-def _accepts(model, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
 
 
 @dataclass(frozen=True)
