@@ -21,7 +21,9 @@ Choices where method.md leaves room:
   window positions, in chunks; sampled teacher proposals are drawn lazily, from the largest d_i
   down, until one differs from the student's token (the same distribution of j and y^t_j as
   drawing all of them); the student's cache from its scoring forward is cut to each row's kept
-  prefix and re-aligned to the right edge, so re-generation never re-encodes that prefix.
+  prefix and re-aligned to the right edge, so re-generation does not re-encode that prefix. Where
+  that would not be exact (a sliding-window layer that has already dropped columns because the
+  inputs are longer than its window), the kept prefix is encoded again instead.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from mgsr_cli.config import CorrectConfig, SamplingConfig, ScrgOptions, from_dic
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import check_head_matches_forward, hidden_states, project
-from mgsr_cli.kv_cache import select_positions
+from mgsr_cli.kv_cache import reusable, select_positions
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
 from mgsr_cli.sampling import (
     Continuations,
@@ -188,6 +190,7 @@ def _correct_round(
         continuation = regenerate(
             setup.student,
             scores.student_cache,
+            input_ids,
             attention_mask.sum(dim=1),
             torch.tensor(rows, device=setup.device),
             torch.tensor(kept, device=setup.device),
@@ -224,7 +227,8 @@ def _find_errors(
 class WindowScores:
     """divergence: [B, S] d_i at slot s = window position start + s (-inf past the window);
     columns: [B, S] the column of the hidden state that predicts each slot;
-    teacher_hidden: [B, W, H]; student_cache: the student's cache over the same inputs."""
+    teacher_hidden: [B, W, H]; student_cache: the student's cache over the same inputs, None where
+    it is not `kv_cache.reusable` (re-generation then encodes the kept prefix again)."""
 
     divergence: Tensor
     columns: Tensor
@@ -257,7 +261,7 @@ def score_windows(
         values.append(token_divergence(divergence, teacher_logits, student_logits, scratch))
     scores = torch.full(in_window.shape, float("-inf"), device=device)
     scores[in_window] = torch.cat(values)
-    return WindowScores(scores, columns.clamp(min=0), teacher_hidden, cache)
+    return WindowScores(scores, columns.clamp(min=0), teacher_hidden, cache if reusable(cache) else None)
 
 
 def token_divergence(kind: str, teacher_logits: Tensor, student_logits: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -329,6 +333,7 @@ def first_disagreements(
 def regenerate(
     student,
     cache,
+    input_ids: Tensor,
     lengths: Tensor,
     rows: Tensor,
     keep: Tensor,
@@ -338,22 +343,29 @@ def regenerate(
     generator: torch.Generator | None,
     token_space: TokenSpace,
 ) -> Continuations:
-    """Let the student continue row rows[b] of a teacher-forced cache after its first keep[b] tokens
-    and teacher_tokens[b], with up to budgets[b] new tokens. No prefix is re-encoded.
+    """Let the student continue row rows[b] of a teacher-forced pass after its first keep[b] tokens
+    and teacher_tokens[b], with up to budgets[b] new tokens.
 
-    cache: the student's cache over left-padded inputs whose row r holds lengths[r] real tokens at
-    its right edge (position ids from 0 at the first real token). The kept prefixes are moved to
-    the right edge of a cache max(keep) columns wide, so the result is what sampling after
-    re-encoding prompt + prefix + teacher token would give, with the same generator state.
+    input_ids / cache: the student's left-padded inputs and its cache over them, row r holding
+    lengths[r] real tokens at its right edge (position ids from 0 at the first real token). The
+    kept prefixes are moved to the right edge of max(keep) columns, so the result is what
+    sampling after encoding prompt + prefix + teacher token would give, with the same generator
+    state. Where the cache holds every column (`kv_cache.reusable`), the prefix is not encoded
+    again; otherwise (a sliding window shorter than the inputs, an unknown layer type) it is.
     The cache is consumed.
     """
-    width, new_width = cache.get_seq_length(), int(keep.max())
+    width, new_width = input_ids.shape[1], int(keep.max())
     columns = torch.arange(new_width, device=keep.device)
     first = width - lengths[rows] + keep - new_width  # source column of each row's new column 0
-    select_positions(cache, rows, (first[:, None] + columns).clamp(min=0))
+    source = (first[:, None] + columns).clamp(min=0)
     attention_mask = (columns >= new_width - keep[:, None]).long()
     attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-    next_logits, cache = forward_step(student, teacher_tokens[:, None], attention_mask, keep[:, None], cache)
+    if cache is not None and reusable(cache):
+        select_positions(cache, rows, source)
+        next_logits, cache = forward_step(student, teacher_tokens[:, None], attention_mask, keep[:, None], cache)
+    else:
+        prefix = torch.cat([input_ids[rows[:, None], source], teacher_tokens[:, None]], dim=1)
+        next_logits, cache = forward_step(student, prefix, attention_mask, position_ids_from_mask(attention_mask))
     return continue_sampling(
         student, next_logits, cache, attention_mask, keep + 1, budgets, sampling, generator, token_space
     )

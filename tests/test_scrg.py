@@ -98,7 +98,7 @@ def test_cache_reuse_regenerates_what_re_encoding_would(base_dir):
         with torch.inference_mode():
             _, cache = hidden_states(student, input_ids, mask, position_ids_from_mask(mask), use_cache=True)
             reused = regenerate(
-                student, cache, mask.sum(dim=1), torch.tensor(rows), torch.tensor([len(prompts[r]) + kept[r] for r in rows]),
+                student, cache, input_ids, mask.sum(dim=1), torch.tensor(rows), torch.tensor([len(prompts[r]) + kept[r] for r in rows]),
                 torch.tensor([teacher_tokens[r] for r in rows]), [budgets[r] for r in rows], config,
                 None if seed is None else make_generator(seed, torch.device("cpu")), SPACE,
             )
