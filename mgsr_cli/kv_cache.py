@@ -1,8 +1,9 @@
 """Rearranging a Hugging Face KV cache in place, across transformers versions.
 
 transformers 5 keeps a `DynamicCache` as `.layers[i].keys / .values`; 4 kept the lists
-`.key_cache / .value_cache`. Both hold [B, heads, L, head_dim] tensors per layer. SCRG takes the cache of a teacher-forced pass and keeps, for each row, only a prefix of it,
-moved to the right edge (left padding), so the student can go on sampling without re-encoding.
+`.key_cache / .value_cache`. Both hold [B, heads, L, head_dim] tensors per layer. SCRG takes
+the cache of a teacher-forced pass and keeps, for each row, only a prefix of it, moved to the
+right edge (left padding), so the student can go on sampling without re-encoding.
 That is exact only where the cache still holds every column it has seen as plain tensors:
 full-attention layers always do; a sliding-window layer does while the sequence is shorter
 than its window (it then drops the oldest columns). `reusable` says which case a cache is in.

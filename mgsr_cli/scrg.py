@@ -43,9 +43,10 @@ from mgsr_cli.artifacts import StageWriter, describe_input, iter_records, read_m
 from mgsr_cli.config import CorrectConfig, SamplingConfig, ScrgOptions, from_dict, override, to_dict
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.errors import UsageError
-from mgsr_cli.heads import check_head_matches_forward, hidden_states, project
+from mgsr_cli.heads import hidden_states, project
 from mgsr_cli.kv_cache import reusable, select_positions
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
+from mgsr_cli.preflight import preflight
 from mgsr_cli.sampling import (
     Continuations,
     TokenSpace,
@@ -344,15 +345,25 @@ def regenerate(
     token_space: TokenSpace,
 ) -> Continuations:
     """Let the student continue row rows[b] of a teacher-forced pass after its first keep[b] tokens
-    and teacher_tokens[b], with up to budgets[b] new tokens.
+    and teacher_tokens[b], with up to budgets[b] new tokens (see `resume_after_prefix`). The
+    result is what sampling after encoding prompt + prefix + teacher token would give, with the
+    same generator state. The cache is consumed."""
+    next_logits, cache, attention_mask = resume_after_prefix(student, cache, input_ids, lengths, rows, keep, teacher_tokens)
+    return continue_sampling(
+        student, next_logits, cache, attention_mask, keep + 1, budgets, sampling, generator, token_space
+    )
 
-    input_ids / cache: the student's left-padded inputs and its cache over them, row r holding
-    lengths[r] real tokens at its right edge (position ids from 0 at the first real token). The
-    kept prefixes are moved to the right edge of max(keep) columns, so the result is what
-    sampling after encoding prompt + prefix + teacher token would give, with the same generator
-    state. Where the cache holds every column (`kv_cache.reusable`), the prefix is not encoded
+
+def resume_after_prefix(
+    student, cache, input_ids: Tensor, lengths: Tensor, rows: Tensor, keep: Tensor, teacher_tokens: Tensor
+) -> tuple[Tensor, object, Tensor]:
+    """(next-token logits [B', V'], cache, attention mask) after row rows[b]'s first keep[b] tokens
+    and teacher_tokens[b], the kept prefixes moved to the right edge of max(keep) columns.
+
+    input_ids / cache: the student's left-padded inputs and its cache over them (or None), row r
+    holding lengths[r] real tokens at its right edge (position ids from 0 at the first real
+    token). Where the cache holds every column (`kv_cache.reusable`), the prefix is not encoded
     again; otherwise (a sliding window shorter than the inputs, an unknown layer type) it is.
-    The cache is consumed.
     """
     width, new_width = input_ids.shape[1], int(keep.max())
     columns = torch.arange(new_width, device=keep.device)
@@ -366,9 +377,7 @@ def regenerate(
     else:
         prefix = torch.cat([input_ids[rows[:, None], source], teacher_tokens[:, None]], dim=1)
         next_logits, cache = forward_step(student, prefix, attention_mask, position_ids_from_mask(attention_mask))
-    return continue_sampling(
-        student, next_logits, cache, attention_mask, keep + 1, budgets, sampling, generator, token_space
-    )
+    return next_logits, cache, attention_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +405,7 @@ def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite
     device = resolve_device(config.loading.device)
     dtype = resolve_dtype(config.loading.dtype, device)
     teacher, student = (load_model(name, dtype, device, trust) for name in (config.teacher, config.student))
-    for model in (teacher, student):
-        check_head_matches_forward(model, len(tokenizer))
+    preflight({"teacher": teacher, "student": student}, TokenSpace.of(student, tokenizer), scrg_student=student)
     inputs = {"input": describe_input(str(input_dir), Path(input_dir))}
     writer = StageWriter.open(
         out_dir,

@@ -34,9 +34,10 @@ from mgsr_cli.config import DistillConfig, to_dict
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.data import load_examples, resolve_source
 from mgsr_cli.errors import UsageError
-from mgsr_cli.heads import HeadLossInputs, check_head_matches_forward, fused_head_loss, hidden_states
+from mgsr_cli.heads import HeadLossInputs, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from mgsr_cli.preflight import preflight
 from mgsr_cli.sampling import TokenSpace, batch_seed, make_generator, sample
 from mgsr_cli.sgo import Policy, SgoMaker, SgoState, choose_source, remember, replay, step_random, update_theta
 
@@ -307,13 +308,10 @@ class Distillation:
             self.teacher = load_model(config.teacher, teacher_dtype, self.device, config.trust_remote_code)
             self.teacher.requires_grad_(False)
         for model, name in ((self.student, "student"), (self.teacher, "teacher")):
-            if model is None:
-                continue
-            if model.get_output_embeddings().weight.shape[0] < self.vocab_size:
-                raise UsageError(f"the {name}'s output layer has fewer rows than the tokenizer's {self.vocab_size} tokens")
-            check_lengths(model, name, config.max_length)
-            check_head_matches_forward(model, self.vocab_size)
+            if model is not None:
+                check_lengths(model, name, config.max_length)
         self.token_space = TokenSpace.of(self.student, self.tokenizer)
+        preflight({"student": self.student, "teacher": self.teacher}, self.token_space, self.student if self.policy.generates and config.scrg else None)
         prepare_student(self.student, config)
         self.sgo_maker = SgoMaker(config, self.student, self.teacher, self.tokenizer, self.token_space, self._span_settings())
 

@@ -90,20 +90,20 @@ def _invoke(*args):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_correct_distill_evaluate(family, pairs, tmp_path):
     teacher, student = pairs(family)
-    rows = [{"instruction": f"Say {word} twice.", "input": "", "output": f"{word} {word}."} for word in ("one", "two", "three", "four")]
+    rows = [{"instruction": f"Say {word} twice.", "input": "", "output": f"{word} {word}."} for word in ("one", "two")]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     lengths = ["--max-new-tokens", 6, "--max-length", 64]
     _invoke("generate", "--model", student, "--data", data, *lengths, "--out", tmp_path / "gen")
     _invoke("correct", "--input", tmp_path / "gen", "--teacher", teacher, "--student", student, "--out", tmp_path / "cor")
     _, corrected = read_stage(tmp_path / "cor", ("correct",))
-    assert len(corrected) == 4 and all(len(record["response_ids"]) <= 6 for record in corrected)
+    assert len(corrected) == 2 and all(len(record["response_ids"]) <= 6 for record in corrected)
     _invoke(
         "distill", "--teacher", teacher, "--student", student, "--data", data, "--dev-data", "", "--out", tmp_path / "run",
-        "--batch-size", 2, "--max-steps", 2, "--max-length", 64, "--sgo-policy", "on_policy", "--scrg",
+        "--batch-size", 2, "--max-steps", 1, "--max-length", 64, "--sgo-policy", "on_policy", "--scrg",
         "--sgo-sampling-max-new-tokens", 6, "--eval-every", 0, "--save-every", 0, "--log-every", 1,
     )
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
-    assert [line["source"] for line in steps] == ["fresh", "fresh"] and all(torch.isfinite(torch.tensor(line["loss"])) for line in steps)
+    assert [line["source"] for line in steps] == ["fresh"] and all(torch.isfinite(torch.tensor(line["loss"])) for line in steps)
     _invoke("evaluate", "--model", tmp_path / "run", "--data", data, "--limit", 2, "--seeds", 1, *lengths, "--out", tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["results"]

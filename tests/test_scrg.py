@@ -213,3 +213,28 @@ def test_a_different_vocabulary_is_a_one_line_error(gpt2_tokenizer):
     with pytest.raises(UsageError, match="do not share a vocabulary.*50257 tokens, the student 50258") as error:
         check_same_vocabulary(gpt2_tokenizer, other)
     assert "\n" not in str(error.value)
+
+
+def test_preflight_passes_a_sound_pair_and_names_a_broken_cache_in_one_line(base_dir, monkeypatch):
+    from mgsr_cli import preflight as module
+
+    student = fresh(base_dir)
+    module.preflight({"teacher": student, "student": student}, SPACE, scrg_student=student)
+
+    def misaligned(cache, rows, columns):  # what a cache layout SCRG misreads would do
+        select_positions_before(cache, rows, (columns + 1).clamp(max=columns.max()))
+
+    import mgsr_cli.scrg as scrg
+
+    select_positions_before = scrg.select_positions
+    monkeypatch.setattr(scrg, "select_positions", misaligned)
+    with pytest.raises(UsageError, match=r"^preflight \(student, SCRG cache reuse\): continuing from the KV cache differs") as error:
+        module.preflight({"student": student}, SPACE, scrg_student=student)
+    assert "\n" not in str(error.value)
+
+
+def test_preflight_refuses_a_vocabulary_larger_than_the_output_layer(base_dir):
+    from mgsr_cli.preflight import preflight
+
+    with pytest.raises(UsageError, match=r"^preflight \(student, vocabulary\): the output layer has 50257 rows, fewer than"):
+        preflight({"student": fresh(base_dir)}, TokenSpace((EOS,), EOS, VOCAB + 10))
