@@ -92,14 +92,14 @@ def test_generate_correct_distill_evaluate(family, pairs, tmp_path):
     teacher, student = pairs(family)
     rows = [{"instruction": f"Say {word} twice.", "input": "", "output": f"{word} {word}."} for word in ("one", "two")]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    lengths = ["--max-new-tokens", 6, "--max-length", 64]
+    lengths = ["--max-new-tokens", 6, "--max-length", 120, "--max-prompt-length", 96]
     _invoke("generate", "--model", student, "--data", data, *lengths, "--out", tmp_path / "gen")
     _invoke("correct", "--input", tmp_path / "gen", "--teacher", teacher, "--student", student, "--out", tmp_path / "cor")
     _, corrected = read_stage(tmp_path / "cor", ("correct",))
     assert len(corrected) == 2 and all(len(record["response_ids"]) <= 6 for record in corrected)
     _invoke(
         "distill", "--teacher", teacher, "--student", student, "--data", data, "--dev-data", "", "--out", tmp_path / "run",
-        "--batch-size", 2, "--max-steps", 1, "--max-length", 64, "--sgo-policy", "on_policy", "--scrg",
+        "--batch-size", 2, "--max-steps", 1, "--max-length", 120, "--data-format-max-prompt-length", 96, "--sgo-policy", "on_policy", "--scrg",
         "--sgo-sampling-max-new-tokens", 6, "--eval-every", 0, "--save-every", 0, "--log-every", 1,
     )
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
