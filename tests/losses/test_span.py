@@ -10,7 +10,7 @@ import torch
 from mgsr_cli.losses.base import Rows
 from mgsr_cli.losses.span import SpanLoss
 
-RELATIONS = ["hadamard", "cosine", "inner"]
+RELATIONS = ["pearson", "pearson_logprobs", "hadamard_cosine", "hadamard", "cosine", "inner"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,23 @@ def _softmax(logits: list[float]) -> list[float]:
     return [math.exp(x - largest) / total if x != -math.inf else 0.0 for x in logits]
 
 
+def _inner(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return _inner(a, b) / math.sqrt(_inner(a, a) * _inner(b, b))
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    return _cosine([x - mean_a for x in a], [y - mean_b for y in b])
+
+
+def _log(probs: list[float]) -> list[float]:
+    return [math.log(x) if x > 0 else -math.inf for x in probs]
+
+
 def reference_pair(
     student: list[list[float]], teacher: list[list[float]], first: int, second: int, relation: str
 ) -> float:
@@ -37,14 +54,14 @@ def reference_pair(
     q_i, q_j = _softmax(student[first]), _softmax(student[second])
     if relation == "hadamard":
         return sum((p_i[k] * p_j[k] - q_i[k] * q_j[k]) ** 2 for k in range(len(p_i)))
-
-    def inner(a, b):
-        return sum(x * y for x, y in zip(a, b))
-
-    def cosine(a, b):
-        return inner(a, b) / math.sqrt(inner(a, a) * inner(b, b))
-
-    measure = inner if relation == "inner" else cosine
+    if relation == "hadamard_cosine":
+        return 1 - _cosine([a * b for a, b in zip(p_i, p_j)], [a * b for a, b in zip(q_i, q_j)])
+    if relation == "pearson_logprobs":  # over the entries finite in all four rows
+        rows = [_log(row) for row in (p_i, p_j, q_i, q_j)]
+        kept = [k for k in range(len(p_i)) if all(math.isfinite(row[k]) for row in rows)]
+        lp_i, lp_j, lq_i, lq_j = ([row[k] for k in kept] for row in rows)
+        return (_pearson(lp_i, lp_j) - _pearson(lq_i, lq_j)) ** 2
+    measure = {"inner": _inner, "cosine": _cosine, "pearson": _pearson}[relation]
     return (measure(p_i, p_j) - measure(q_i, q_j)) ** 2
 
 
@@ -124,6 +141,43 @@ def test_masked_vocabulary_and_low_precision(relation, dtype):
     assert output.values.dtype == torch.float32
     output.values.sum().backward()
     assert torch.isfinite(output.values).all() and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("relation", ["pearson", "pearson_logprobs"])
+def test_pearson_relations_match_reference_with_masked_vocabulary(relation):
+    student, teacher = random_rows(4, 12, seed=5)
+    student[:, :2] = -math.inf
+    teacher[1:, 10:] = -math.inf
+    pairs = [[0, 1], [1, 2], [2, 3]]
+    output = SpanLoss(span_relation=relation)(Rows(student, teacher, pairs=torch.tensor(pairs)))
+    expected = [reference_pair(student.tolist(), teacher.tolist(), i, j, relation) for i, j in pairs]
+    assert output.values.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_constant_rows_have_no_correlation():
+    """A uniform row has no spread: its correlation counts as 0, with no NaN in value or gradient."""
+    student = torch.zeros(2, 9, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    values = SpanLoss()(Rows(student, teacher, pairs=torch.tensor([[0, 1]]))).values
+    values.sum().backward()
+    teacher_probs = torch.softmax(teacher, dim=-1).tolist()
+    assert values.item() == pytest.approx(_pearson(*teacher_probs) ** 2, rel=1e-9)
+    assert torch.isfinite(student.grad).all()
+
+
+def test_default_is_pearson_and_not_inert_at_gpt2_vocabulary():
+    """The reason for the default: the Hadamard distance of near-uniform 50257-token rows is
+    ~1e-15 (inert at weight 1), the correlation gap is of the order of a KL term. Rows share
+    a common component (as adjacent positions of a language model do), less so for the student."""
+    generator = torch.Generator().manual_seed(7)
+    shared = torch.randn(1, 50257, generator=generator)
+    teacher = shared + torch.randn(4, 50257, generator=generator)
+    student = 0.3 * shared + torch.randn(4, 50257, generator=generator)
+    pairs = torch.tensor([[0, 1], [1, 2], [2, 3]])
+    default = SpanLoss()(Rows(student.float(), teacher.float(), pairs=pairs)).values
+    hadamard = SpanLoss(span_relation="hadamard")(Rows(student.float(), teacher.float(), pairs=pairs)).values
+    assert SpanLoss().relation == "pearson"
+    assert default.mean() > 1e-3 and hadamard.mean() < 1e-9
 
 
 def test_unknown_relation_raises():
