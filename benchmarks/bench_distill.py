@@ -21,6 +21,13 @@ objective.
 
     PYTHONPATH=. python benchmarks/bench_distill.py --runs 3
 
+`--recipes kd,mgsr,...` instead runs mgsr's own loop once per shipped recipe (its loss, loss
+options and temperature; generation off: sgo_policy none), interleaved, on the same batches,
+and reports each recipe's tokens/s and peak next to the floor: `floor`, the same teacher
+forward (and projection) and student forward/backward with only `sft` as the loss.
+
+    PYTHONPATH=. python benchmarks/bench_distill.py --recipes floor,kd,mgsr --runs 2 --steps 8
+
 Needs the bench extra: pip install -e '.[bench]' (TRL).
 """
 
@@ -64,6 +71,7 @@ class Spec:
     lr: float = 5e-4
     seed: int = 42
     threads: int = 2
+    recipe: str | None = None  # variant mgsr only: a shipped recipe's loss instead of `loss_spec(beta)`
 
 
 # ---------------------------------------------------------------- memory and timing (child side)
@@ -191,13 +199,49 @@ def loss_spec(beta: float) -> str:
 # ---------------------------------------------------------------- the three variants (child side)
 
 
+FLOOR = "floor"  # --recipes pseudo-recipe: sft as the only loss, with the teacher still run
+
+
+def recipe_base(recipe: str | None, beta: float) -> tuple[str, dict]:
+    """(the shipped recipe one mgsr run starts from, its loss override): the recipe itself
+    (loss, options, temperature, span settings), or kd's with `loss_spec(beta)` or the floor's sft."""
+    if recipe is None:
+        return "kd", {"loss": loss_spec(beta)}
+    if recipe == FLOOR:
+        return "kd", {"loss": "sft"}
+    return recipe, {}
+
+
+def recipe_loss(recipe: str) -> str:
+    from mgsr_cli.config import DistillConfig, load_recipe, recipe_path
+
+    name, loss = recipe_base(recipe, 0.0)
+    return loss.get("loss") or load_recipe(DistillConfig, recipe_path(name)).loss
+
+
+def teacher_always(distillation_class) -> None:
+    """Make the loop run the teacher (forward and projection) even when no term reads it: the floor."""
+    module = sys.modules[distillation_class.__module__]
+    original = module.build_objectives
+
+    def with_teacher(config):
+        objectives = original(config)
+        objectives.needs_teacher = True
+        return objectives
+
+    module.build_objectives = with_teacher
+
+
 def run_mgsr(spec: Spec, meter: Meter) -> dict:
     """mgsr's distill loop (what `run_distill` runs), with train_step timed from outside."""
     from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
     from mgsr_cli.train import Distillation
 
+    if spec.recipe == FLOOR:
+        teacher_always(Distillation)
+    recipe, loss = recipe_base(spec.recipe, spec.beta)
     config = override(
-        load_recipe(DistillConfig, recipe_path("kd")),
+        load_recipe(DistillConfig, recipe_path(recipe)),
         {
             "teacher": spec.teacher,
             "student": spec.student,
@@ -205,7 +249,8 @@ def run_mgsr(spec: Spec, meter: Meter) -> dict:
             "limit": spec.limit,
             "dev_data": None,
             "max_length": spec.max_length,
-            "loss": loss_spec(spec.beta),
+            **loss,
+            "sgo_policy": "none",
             "batch_size": spec.batch_size,
             "max_steps": spec.steps,
             "lr": spec.lr,
@@ -473,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="interleaved repetitions of every (beta, variant)")
     parser.add_argument("--betas", default="0,0.5", help="GKD beta values (0 = forward KL = mgsr fkl)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--recipes", help=f"mgsr's loop per shipped recipe (and '{FLOOR}'), instead of the variants")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256, help="prompt + response tokens at most")
     parser.add_argument("--limit", type=int, default=400, help="Dolly train examples the batches are drawn from")
@@ -514,6 +560,9 @@ def main() -> None:
         teacher=teacher, student=student, work_dir=str(work), limit=args.limit, max_length=args.max_length,
         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size, threads=args.threads,
     )
+    if args.recipes:
+        print(recipe_report(args, run_recipes(args, common, log_path)))
+        return
     results: dict[tuple[float, str], list[dict]] = {(beta, variant): [] for beta in betas for variant in variants}
     started = time.time()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {machine_description()} | torch threads {args.threads} | "
@@ -529,6 +578,58 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({f"{beta:g}/{variant}": runs for (beta, variant), runs in results.items()}, indent=1))
     print(report(args, results, betas, variants))
+
+
+def run_recipes(args: argparse.Namespace, common: dict, log_path: Path) -> dict[str, list[dict]]:
+    """Every recipe's runs, interleaved A B C A B C, each in a fresh process."""
+    recipes = args.recipes.split(",")
+    results: dict[str, list[dict]] = {recipe: [] for recipe in recipes}
+    started = time.time()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {machine_description()} | torch threads {args.threads} | "
+          f"load average {os.getloadavg()[0]:.2f} | logs: {log_path}", file=sys.stderr)
+    for run in range(args.runs):
+        for recipe in recipes:
+            result = run_child(Spec(variant="mgsr", beta=0.0, recipe=recipe, **common), log_path)
+            results[recipe].append(result)
+            print(f"run {run + 1}/{args.runs} {recipe:12s}: {result['response_tok_s']:8,.0f} resp tok/s, "
+                  f"{result['s_per_step']:.2f} s/step, peak {result['maxrss_mib']:6,.0f} MiB "
+                  f"(load avg {os.getloadavg()[0]:.2f}, {time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def recipe_report(args: argparse.Namespace, results: dict[str, list[dict]]) -> str:
+    """Medians per recipe and their ratios to the floor (and of mgsr to kd), all from this invocation."""
+    first = next(iter(results.values()))[0]
+    floor = results.get(FLOOR)
+    lines = [
+        f"teacher {args.teacher_size}, student {args.student_size}, V = 50257, fp32, batch {args.batch_size}, max length "
+        f"{args.max_length}, Dolly train (first {args.limit}), {args.steps} steps (timed: the last {args.steps - args.warmup}), "
+        f"chunk {args.chunk_size}, sgo_policy none, {args.threads} torch threads, medians of {args.runs} interleaved runs; "
+        f"torch {first['torch']}; load average over the timed steps {statistics.median(r['load_average'] for runs in results.values() for r in runs):.1f}",
+        "",
+        "| recipe | loss | response tok/s | s/step | peak RSS MiB | step time / floor | peak / floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for recipe, runs in results.items():
+        loss = recipe_loss(recipe)
+        speed, peak = median(runs, "response_tok_s"), median(runs, "maxrss_mib")
+        ratios = (
+            f"{median(floor, 'response_tok_s') / speed:.2f}x | {peak / median(floor, 'maxrss_mib'):.2f}x" if floor else "- | -"
+        )
+        lines.append(f"| {recipe} | `{loss}` | {speed:,.0f} | {median(runs, 's_per_step'):.2f} | {peak:,.0f} | {ratios} |")
+    if "mgsr" in results and "kd" in results:
+        mgsr, kd = results["mgsr"], results["kd"]
+        lines += [
+            "",
+            f"mgsr / kd: step time {median(kd, 'response_tok_s') / median(mgsr, 'response_tok_s'):.2f}x "
+            f"(tokens/s {median(mgsr, 'response_tok_s') / median(kd, 'response_tok_s'):.2f}x), "
+            f"peak RSS {median(mgsr, 'maxrss_mib') / median(kd, 'maxrss_mib'):.2f}x",
+        ]
+    lines += ["", "Every run (response tok/s / peak RSS MiB), in run order:", ""]
+    lines += [f"- {recipe}: " + ", ".join(f"{r['response_tok_s']:,.0f} / {r['maxrss_mib']:,.0f}" for r in runs) for recipe, runs in results.items()]
+    return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, results: dict, betas: list[float], variants: list[str]) -> str:

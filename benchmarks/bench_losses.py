@@ -12,6 +12,11 @@ Each loss runs in a fresh subprocess (Linux, glibc), unchunked and chunked:
 - Time: the median of --repeats further runs, with the mmap threshold raised to 32 MiB,
   the value glibc's own adaptive threshold settles at.
 
+Weighted sums (`--sums`, the shipped multi-term recipes by default) run twice, fused (the
+default: one shared log-softmax per block for every term) and per term (`fused=False`, each
+term from the logits), next to their budget: the most expensive term's time plus 25% per
+further term, from the single-term runs of the same invocation.
+
     PYTHONPATH=. python benchmarks/bench_losses.py --tokens 128 --vocab 50257 --chunk-size 32
 """
 
@@ -28,6 +33,7 @@ import sys
 import time
 
 SPECS = ["sft", "fkl", "rkl", "skl:0.1", "srkl:0.1", "gjsd:0.5", "js", "tvd", "akl:0.5", "rank:5", "dac_kl", "span"]
+SUMS = ["sft=1,dac_kl=1,span=1", "sft=1,fkl=1,span=1", "sft=1,dac_kl=1", "rank:5=2,fkl=1"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case after the memory run")
     parser.add_argument("--losses", default=",".join(SPECS), help="comma-separated registry specs")
+    parser.add_argument("--sums", default=";".join(SUMS), help="';'-separated weighted sums ('' for none)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one loss in this process
+    parser.add_argument("--per-term", action="store_true", help=argparse.SUPPRESS)  # internal: fused=False
     return parser.parse_args()
 
 
@@ -93,7 +101,11 @@ def run_case(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     torch.set_num_threads(args.threads)
     set_mmap_threshold(1 << 20)
-    objectives = {"plain": build_loss(args.case), "chunked": build_loss(args.case, chunk_size=args.chunk_size)}
+    fused = not args.per_term
+    objectives = {
+        "plain": build_loss(args.case, fused=fused),
+        "chunked": build_loss(args.case, chunk_size=args.chunk_size, fused=fused),
+    }
     warm_up = make_batch(8, args.vocab)
     for objective in objectives.values():
         forward_backward(objective, warm_up)
@@ -113,9 +125,10 @@ def run_case(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     }
 
 
-def case_result(args: argparse.Namespace, spec: str) -> dict[str, dict[str, float]]:
+def case_result(args: argparse.Namespace, spec: str, per_term: bool = False) -> dict[str, dict[str, float]]:
     command = [sys.executable, __file__, "--case", spec, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
                "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    command += ["--per-term"] if per_term else []
     completed = subprocess.run(command, check=False, capture_output=True, text=True)
     if completed.returncode != 0:
         raise SystemExit(f"case {spec!r} failed:\n{completed.stderr}")
@@ -140,16 +153,39 @@ def main() -> None:
           f"input logits (student + teacher) {2 * tokens * args.vocab * 4 / 2**20:.0f} MiB")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (timings are only meaningful on an idle machine)")
     print(f"{'loss':<10} {'ms/1k tok':>10} {'chunked':>8} {'peak MiB':>9} {'chunked':>8} {'MiB/1k tok':>11} {'chunked':>8}")
-    for spec in args.losses.split(","):
+    sums = [text for text in args.sums.split(";") if text]
+    singles = list(dict.fromkeys(args.losses.split(",") + [term for text in sums for term in sum_terms(text)]))
+    times = {}
+    for spec in singles:
         if not available(spec):
             print(f"{spec:<10} (module not present, skipped)")
             continue
         result = case_result(args, spec)
         plain, chunked = result["plain"], result["chunked"]
+        times[spec] = plain["ms_per_1k_tokens"]
         print(f"{spec:<10} {plain['ms_per_1k_tokens']:>10.0f} {chunked['ms_per_1k_tokens']:>8.0f} "
               f"{plain['peak_mib']:>9.0f} {chunked['peak_mib']:>8.0f} "
               f"{plain['peak_mib'] * per_1k:>11.0f} {chunked['peak_mib'] * per_1k:>8.0f}", flush=True)
+    if sums:
+        print("\nweighted sums, unchunked; budget = most expensive term + 25% per further term (ms/1k tok)")
+        print(f"{'sum':<22} {'fused':>7} {'per term':>9} {'terms added':>12} {'budget':>7} {'fused/budget':>13} "
+              f"{'fused MiB/1k':>13} {'per-term MiB/1k':>16}")
+    for text in sums:
+        terms = sum_terms(text)
+        if not all(term in times for term in terms):
+            print(f"{text:<22} (a term's module is not present, skipped)")
+            continue
+        fused, per_term = case_result(args, text)["plain"], case_result(args, text, per_term=True)["plain"]
+        budget = max(times[term] for term in terms) * (1 + 0.25 * (len(terms) - 1))
+        print(f"{text:<22} {fused['ms_per_1k_tokens']:>7.0f} {per_term['ms_per_1k_tokens']:>9.0f} "
+              f"{sum(times[term] for term in terms):>12.0f} {budget:>7.0f} {fused['ms_per_1k_tokens'] / budget:>12.2f}x "
+              f"{fused['peak_mib'] * per_1k:>13.0f} {per_term['peak_mib'] * per_1k:>16.0f}", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+def sum_terms(text: str) -> list[str]:
+    """The single-term specs of a weighted sum: 'rank:5=2,fkl=1' -> ['rank:5', 'fkl']."""
+    return [item.split("=")[0].strip() for item in text.split(",")]
 
 
 if __name__ == "__main__":

@@ -44,6 +44,24 @@ class Rows:
 
 
 @dataclass
+class SharedLogProbs:
+    """What the fused objective (fused.py) computes once per block of rows for every term.
+
+    student: [n, V] floored log-softmax of the temperature-scaled student logits,
+    differentiable; teacher: [n, V] the same for the teacher, detached. raw_student: [n, V]
+    of the unscaled student logits, for terms with `uses_temperature = False` (the same
+    tensor when the temperature is 1). targets [n] and pairs [p, 2] as in `Rows`. Log 0
+    is the finite floor of dac_band.LOG_FLOOR, so no term sees -inf.
+    """
+
+    student: Tensor
+    teacher: Tensor
+    raw_student: Tensor
+    targets: Tensor | None = None
+    pairs: Tensor | None = None
+
+
+@dataclass
 class TermOutput:
     """values: [N] (token unit) or [P] (pair unit), float32 or float64, differentiable.
 
@@ -56,7 +74,12 @@ class TermOutput:
 
 
 class Term(Protocol):
-    """One named loss term. Modules (DAC-KL) and plain callables both qualify."""
+    """One named loss term. Modules (DAC-KL) and plain callables both qualify.
+
+    A term may also define `from_log_probs(shared: SharedLogProbs) -> TermOutput`, the same
+    values from the shared log-probabilities; the fused objective uses it where it exists
+    and calls the term on the block's logits otherwise.
+    """
 
     name: str
     unit: Unit

@@ -62,24 +62,32 @@ band and do not count towards the quantiles.
 
 Speed (V = 50257 made DAC-KL most of a training step): the thresholds come from a partial
 selection (topk) of the leading ranks instead of a full sort, and the vocabulary-wide sums
-are one autograd Function with a closed-form backward (`_BandSums`) instead of autograd
-over a dozen [N, V] temporaries. Values and gradients are those of the plain formulas.
+are one autograd Function with a closed-form backward (dac_band.py's `BandSumsFunction`)
+instead of autograd over a dozen [N, V] temporaries. Values and gradients are those of the
+plain formulas. `score` works on log-probabilities, so the fused objective (fused.py) feeds
+it the teacher and student log-softmax that every other term shares.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from .base import Rows, TermOutput
-
-# Stands in for log 0: finite, so 0 * log 0 and (-inf) - (-inf) never occur; exp() of it is 0.
-LOG_FLOOR = -1.0e4
+from .base import Rows, SharedLogProbs, TermOutput
+from .dac_band import (
+    Band,
+    BandSums,
+    BandSumsFunction,
+    cumulative_thresholds,
+    floored_log_probs,
+    floored_log_softmax,
+    support_size,
+    value_thresholds,
+)
+from .divergences import compute_dtype
 # Floor of the log-probability features: far below any probability that matters, small enough
 # in magnitude to be a sane network input.
 FEATURE_LOG_FLOOR = -30.0
@@ -133,33 +141,6 @@ class QuantileNetwork(nn.Module):
         lower_complement = (1.0 - self.l_min) - (self.l_max - self.l_min) * torch.sigmoid(lower_logit)
         upper_complement = lower_complement * torch.sigmoid(-upper_logit)
         return lower_complement, upper_complement
-
-
-@dataclass
-class Band:
-    """The teacher band of N rows.
-
-    lower_complement / upper_complement: [N], 1 - l and 1 - u.
-    log_lower / log_upper: [N], log tau_l and log tau_u.
-    teacher_log_probs: [N, V], the rows the band was found for; kappa: the mask temperature.
-    """
-
-    lower_complement: Tensor
-    upper_complement: Tensor
-    log_lower: Tensor
-    log_upper: Tensor
-    teacher_log_probs: Tensor
-    kappa: float
-
-    @property
-    def log_mask(self) -> Tensor:
-        """[N, V], detached: log of the soft membership m (-inf outside the teacher's support).
-
-        For inspection; the loss builds the mask inside `_BandSums`, which differentiates it.
-        """
-        with torch.no_grad():
-            buffers = (torch.empty_like(self.teacher_log_probs), torch.empty_like(self.teacher_log_probs))
-            return _soft_log_mask(self.teacher_log_probs, self.log_lower, self.log_upper, self.kappa, *buffers)
 
 
 class DacKL(nn.Module):
@@ -216,35 +197,43 @@ class DacKL(nn.Module):
 
     def forward(self, rows: Rows) -> TermOutput:
         """values [N]: KL of the clipped distributions plus the coverage guard; stats per row."""
-        dtype = (
-            torch.float64 if torch.float64 in (rows.student_logits.dtype, rows.teacher_logits.dtype) else torch.float32
-        )
+        dtype = compute_dtype(rows.student_logits, rows.teacher_logits)
         with torch.autocast(device_type=rows.student_logits.device.type, enabled=False):
-            teacher_log_probs = _floored_log_probs(rows.teacher_logits.detach(), dtype)
-            band = self.band(teacher_log_probs)
-            target = self._target_class(rows, teacher_log_probs)
-            sums = BandSums(
-                *_BandSums.apply(
-                    rows.student_logits,
-                    band.log_lower,
-                    band.log_upper,
-                    teacher_log_probs,
-                    target,
-                    self.kappa,
-                    self.mode == "winsorize",
-                )
+            teacher_log_probs = floored_log_probs(rows.teacher_logits.detach(), dtype)
+            return self.score(floored_log_softmax(rows.student_logits, dtype), teacher_log_probs, rows.targets)
+
+    def score(self, student_log_probs: Tensor, teacher_log_probs: Tensor, targets: Tensor | None) -> TermOutput:
+        """`forward` from floored log-probabilities [N, V] (student differentiable, teacher not).
+
+        The fused objective calls this with the log-softmax it shares with the other terms.
+        """
+        band = self.band(teacher_log_probs)
+        target = self._target_class(targets, teacher_log_probs)
+        sums = BandSums(
+            *BandSumsFunction.apply(
+                student_log_probs,
+                band.log_lower,
+                band.log_upper,
+                teacher_log_probs,
+                target,
+                self.kappa,
+                self.mode == "winsorize",
             )
-            kl = self._clipped_kl(sums, teacher_log_probs.gather(-1, target[:, None]).squeeze(-1))
-            band_mass = sums.log_band_mass.exp()
-            coverage = self._coverage_penalty(band_mass)
-            stats = {
-                "dac_l": 1.0 - band.lower_complement.detach(),
-                "dac_u": 1.0 - band.upper_complement.detach(),
-                "dac_band_size": sums.band_size,
-                "dac_band_mass": band_mass.detach(),
-                "dac_coverage": coverage.detach(),
-            }
+        )
+        kl = self._clipped_kl(sums, teacher_log_probs.gather(-1, target[:, None]).squeeze(-1))
+        band_mass = sums.log_band_mass.exp()
+        coverage = self._coverage_penalty(band_mass)
+        stats = {
+            "dac_l": 1.0 - band.lower_complement.detach(),
+            "dac_u": 1.0 - band.upper_complement.detach(),
+            "dac_band_size": sums.band_size,
+            "dac_band_mass": band_mass.detach(),
+            "dac_coverage": coverage.detach(),
+        }
         return TermOutput(values=kl + coverage, stats=stats)
+
+    def from_log_probs(self, shared: SharedLogProbs) -> TermOutput:
+        return self.score(shared.student, shared.teacher, shared.targets)
 
     def band(self, teacher_log_probs: Tensor) -> Band:
         """The band thresholds for teacher log-probabilities [N, V] (LOG_FLOOR where p = 0).
@@ -253,11 +242,11 @@ class DacKL(nn.Module):
         the top `dac_top`, and the thresholds need the ranks down to about (1 - l)(S - 1),
         5% of the vocabulary at the initial l. A full sort dominated training time at V = 50257.
         """
-        support_size = _support_size(teacher_log_probs)
+        support = support_size(teacher_log_probs)
         leading = teacher_log_probs.topk(min(self.top, teacher_log_probs.shape[-1]), dim=-1).values
         lower_complement, upper_complement = self._quantile_complements(leading, teacher_log_probs)
-        thresholds = _value_thresholds if self.quantile_space == "value" else _cumulative_thresholds
-        log_lower, log_upper = thresholds(teacher_log_probs, leading, lower_complement, upper_complement, support_size)
+        thresholds = value_thresholds if self.quantile_space == "value" else cumulative_thresholds
+        log_lower, log_upper = thresholds(teacher_log_probs, leading, lower_complement, upper_complement, support)
         return Band(lower_complement, upper_complement, log_lower, log_upper, teacher_log_probs, self.kappa)
 
     def _quantile_complements(self, leading: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -288,11 +277,11 @@ class DacKL(nn.Module):
             )
         return torch.cat([values, entropy], dim=-1)
 
-    def _target_class(self, rows: Rows, teacher_log_probs: Tensor) -> Tensor:
+    def _target_class(self, targets: Tensor | None, teacher_log_probs: Tensor) -> Tensor:
         """[N] long: the teacher argmax, or the row's label where `dac_target` is "label" and one is given."""
         argmax = teacher_log_probs.argmax(dim=-1)
-        if self.target == "label" and rows.targets is not None:
-            labels = rows.targets.to(argmax.device).long()
+        if self.target == "label" and targets is not None:
+            labels = targets.to(argmax.device).long()
             return torch.where(labels >= 0, labels, argmax)
         return argmax
 
@@ -326,266 +315,6 @@ def _fixed_quantiles(quantiles: tuple[float, float] | list[float] | str | None) 
     if not 0.0 <= lower <= upper <= 1.0:
         raise ValueError(f"dac_fixed_quantiles must be [l, u] with 0 <= l <= u <= 1; got {[lower, upper]}")
     return lower, upper
-
-
-def _floored_log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
-    """log_softmax in `dtype`, with -inf (masked tokens) replaced by LOG_FLOOR. In place, so
-    for logits that need no gradient: the teacher, and the student inside `_BandSums`."""
-    return F.log_softmax(logits, dim=-1, dtype=dtype).clamp_(min=LOG_FLOOR)
-
-
-def _support_size(teacher_log_probs: Tensor) -> Tensor:
-    """[N] long: the number of tokens with p > 0. Counted only in rows with a floored token;
-    counting a row costs about ten times finding its minimum."""
-    floored = teacher_log_probs.amin(dim=-1) <= LOG_FLOOR
-    support_size = torch.full_like(floored, teacher_log_probs.shape[-1], dtype=torch.long)
-    if bool(floored.any()):
-        support_size[floored] = (teacher_log_probs[floored] > LOG_FLOOR).sum(dim=-1)
-    return support_size
-
-
-def _leading_ranks(teacher_log_probs: Tensor, leading: Tensor, count: int) -> Tensor:
-    """[N, >= count] (all V when count exceeds V): the largest log-probabilities, descending."""
-    count = min(count, teacher_log_probs.shape[-1])
-    return leading if leading.shape[-1] >= count else teacher_log_probs.topk(count, dim=-1).values
-
-
-def _interpolate(ranked: Tensor, index: Tensor, fraction: Tensor) -> Tensor:
-    """[N]: log-linear interpolation between descending ranks index and index + 1."""
-    last = ranked.shape[-1] - 1
-    current = ranked.gather(-1, index[:, None].clamp(max=last)).squeeze(-1)
-    following = ranked.gather(-1, (index[:, None] + 1).clamp(max=last)).squeeze(-1)
-    return current + fraction * (following - current)
-
-
-def _value_thresholds(
-    teacher_log_probs: Tensor, leading: Tensor, lower_complement: Tensor, upper_complement: Tensor, support_size: Tensor
-) -> tuple[Tensor, Tensor]:
-    """([N], [N]) logs of the (1 - complement)-quantiles of the S nonzero teacher probabilities.
-
-    Descending rank position complement * (S - 1), interpolated, so each threshold is
-    piecewise linear (differentiable) in its quantile level. The ranks are selected down to
-    the deepest position any row needs.
-    """
-    brackets = []
-    for complement in (lower_complement, upper_complement):
-        position = complement * (support_size - 1).clamp(min=0).to(complement.dtype)
-        index = position.detach().floor().long().clamp(min=0)
-        index = torch.minimum(index, (support_size - 2).clamp(min=0))
-        brackets.append((index, (position - index.to(position.dtype)).clamp(0.0, 1.0)))
-    deepest = max((int(index.max()) for index, _ in brackets if index.numel()), default=0)
-    ranked = _leading_ranks(teacher_log_probs, leading, deepest + 2)
-    lower, upper = (_interpolate(ranked, index, fraction) for index, fraction in brackets)
-    return lower, upper
-
-
-def _cumulative_thresholds(
-    teacher_log_probs: Tensor, leading: Tensor, lower_complement: Tensor, upper_complement: Tensor, support_size: Tensor
-) -> tuple[Tensor, Tensor]:
-    """([N], [N]) logs of the mass-weighted (1 - complement)-quantiles of the teacher probabilities.
-
-    Knots at x_r (the teacher mass ranked above rank r); the level 1 - complement sits at
-    x = complement, interpolated between the ranks r and r + 1 that bracket it. The
-    selected ranks double until every row's mass above its last rank exceeds its larger
-    complement (1 - l, as u >= l), so that r + 1 is among them.
-    """
-    deepest = torch.maximum(lower_complement, upper_complement).detach()
-    ranked = leading
-    while True:
-        probs = ranked.exp()
-        mass_above = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0), value=0.0)
-        if ranked.shape[-1] == teacher_log_probs.shape[-1] or bool((mass_above[:, -1] > deepest).all()):
-            break
-        ranked = _leading_ranks(teacher_log_probs, ranked, 2 * ranked.shape[-1])
-    lower, upper = (
-        _cumulative_threshold(ranked, probs, mass_above, complement, support_size)
-        for complement in (lower_complement, upper_complement)
-    )
-    return lower, upper
-
-
-def _cumulative_threshold(
-    ranked: Tensor, probs: Tensor, mass_above: Tensor, complement: Tensor, support_size: Tensor
-) -> Tensor:
-    """[N] one mass-weighted threshold; ranked, probs, mass_above: [N, R] of the leading ranks."""
-    index = torch.searchsorted(mass_above, complement.detach()[:, None].contiguous(), right=True).squeeze(-1) - 1
-    index = torch.minimum(index.clamp(min=0), (support_size - 1).clamp(min=0))
-    knot = mass_above.gather(-1, index[:, None]).squeeze(-1)
-    width = probs.gather(-1, index[:, None]).squeeze(-1).clamp(min=torch.finfo(probs.dtype).tiny)
-    fraction = ((complement - knot) / width).clamp(0.0, 1.0)
-    return _interpolate(ranked, index, fraction)
-
-
-def _soft_log_mask(
-    teacher_log_probs: Tensor, log_lower: Tensor, log_upper: Tensor, kappa: float, upper_term: Tensor, scratch: Tensor
-) -> Tensor:
-    """[N, V] log m = log sigmoid((log p - log tau_l) / kappa) + log sigmoid((log tau_u - log p) / kappa),
-    -inf outside the support. In place: one new [N, V] tensor and two [N, V] work buffers
-    (overwritten), where F.logsigmoid would allocate six. No autograd (see `_BandSums`)."""
-    log_mask = torch.sub(teacher_log_probs, log_lower[:, None]).div_(kappa)
-    torch.sub(log_upper[:, None], teacher_log_probs, out=upper_term).div_(kappa)
-    log_mask = _log_sigmoid_(log_mask, scratch).add_(_log_sigmoid_(upper_term, scratch))
-    return _fill_where_floored_(log_mask, teacher_log_probs, -math.inf)
-
-
-def _fill_where_floored_(values: Tensor, log_probs: Tensor, fill: float) -> Tensor:
-    """In place: `fill` where log_probs <= LOG_FLOOR. Usually no entry is floored, and one
-    minimum over the tensor is cheaper than building the [N, V] mask."""
-    if bool(log_probs.amin() <= LOG_FLOOR):
-        values.masked_fill_(log_probs <= LOG_FLOOR, fill)
-    return values
-
-
-def _log_sigmoid_(values: Tensor, scratch: Tensor) -> Tensor:
-    """In place: log sigmoid(x) = min(x, 0) - log1p(exp(-|x|)), with exp's argument floored
-    (see `_exp_floor`; that changes the result by less than 1e-37)."""
-    tail = torch.abs(values, out=scratch).neg_().clamp_(min=_exp_floor(values.dtype)).exp_().log1p_()
-    return values.clamp_(max=0.0).sub_(tail)
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """An exponent just above where exp underflows below the smallest normal float. CPU exp
-    kernels take a slow path (about 10x) for arguments below it, and V-wide exps of far-away
-    tokens are mostly such arguments; their results there (below 1e-37, or 1e-307 in float64)
-    do not count next to the terms that matter."""
-    return math.log(torch.finfo(dtype).tiny) + 1.0
-
-
-def _normalize_(log_values: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: [N, V] log values -> (their softmax, [N] their logsumexp)."""
-    peak = log_values.amax(dim=-1, keepdim=True)
-    shares = log_values.sub_(peak).clamp_(min=_exp_floor(log_values.dtype)).exp_()
-    total = shares.sum(dim=-1, keepdim=True)
-    return shares.div_(total), (peak + total.log()).squeeze(-1)
-
-
-@dataclass
-class BandSums:
-    """The vocabulary sums of N rows that DAC-KL is built from, each [N].
-
-    With w the weights (the mask, or the winsorizing factor) and m the soft mask:
-    log_teacher_band = log sum(w p); log_student_band = log sum(w q);
-    expected_log_ratio = sum(w p (log p - log q)) / sum(w p); log_band_mass = log sum(m p);
-    student_target = log q_c; band_size = sum(m), detached.
-    """
-
-    log_teacher_band: Tensor
-    log_student_band: Tensor
-    expected_log_ratio: Tensor
-    log_band_mass: Tensor
-    student_target: Tensor
-    band_size: Tensor
-
-
-class _BandSums(torch.autograd.Function):
-    """`BandSums` from the student logits, with a closed-form backward, differentiable in the
-    student logits and both thresholds.
-
-    Why: autograd through the same formulas allocated a new [N, V] tensor for almost every
-    op, forward and backward, and at V = 50257 those allocations and passes were most of
-    DAC-KL's time. Here the forward allocates four (the student log-probabilities, the mask,
-    two work buffers that become the band shares) and the backward three.
-    Gradients, with pi = w p / sum(w p), rho = w q / sum(w q), mu = m p / sum(m p), D = log p - log q
-    and X = expected_log_ratio:
-    d/d log w_k = pi_k (g_teacher + g_ratio (D_k - X)) + rho_k g_student, d/d log m_k = mu_k g_mass,
-    d/d log q_k = rho_k g_student - pi_k g_ratio (+ g_target at c), then through the floor and
-    log_softmax; per token, d log m / d log tau_l = -sigmoid(-x1) / kappa and
-    d log m / d log tau_u = sigmoid(-x2) / kappa; the winsorizing clamp's as torch.maximum and
-    torch.minimum define them (ties count half).
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, log_lower, log_upper, teacher_log_probs, target, kappa, winsorize):
-        student_log_probs = _floored_log_probs(student_logits, teacher_log_probs.dtype)
-        scratch, log_ratio = torch.empty_like(teacher_log_probs), torch.empty_like(teacher_log_probs)
-        log_mask = _soft_log_mask(teacher_log_probs, log_lower, log_upper, kappa, log_ratio, scratch)
-        band_size = torch.clamp(log_mask, min=_exp_floor(log_mask.dtype), out=scratch).exp_().sum(dim=-1)
-        mass_shares = log_band_mass = None
-        if winsorize:
-            log_weights = _winsorized_log_weights(teacher_log_probs, log_lower, log_upper)
-            mass_shares, log_band_mass = _normalize_(log_mask.add_(teacher_log_probs))
-        else:
-            log_weights = log_mask
-        teacher_shares, log_teacher_band = _normalize_(torch.add(log_weights, teacher_log_probs, out=scratch))
-        student_shares, log_student_band = _normalize_(log_weights.add_(student_log_probs))
-        if not winsorize:
-            mass_shares, log_band_mass = teacher_shares, log_teacher_band
-        log_ratio = torch.sub(teacher_log_probs, student_log_probs, out=log_ratio)
-        expected_log_ratio = log_ratio.mul_(teacher_shares).sum(dim=-1)
-        student_target = student_log_probs.gather(-1, target[:, None]).squeeze(-1)
-        ctx.kappa, ctx.winsorize, ctx.logits_dtype = kappa, winsorize, student_logits.dtype
-        ctx.save_for_backward(
-            student_log_probs, teacher_log_probs, log_lower, log_upper, target, teacher_shares, student_shares,
-            mass_shares, expected_log_ratio,
-        )  # fmt: skip
-        ctx.mark_non_differentiable(band_size)
-        return log_teacher_band, log_student_band, expected_log_ratio, log_band_mass, student_target, band_size
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_teacher_band, grad_student_band, grad_ratio, grad_mass, grad_target, _grad_band_size):
-        (
-            student_log_probs, teacher_log_probs, log_lower, log_upper, target, teacher_shares, student_shares,
-            mass_shares, expected_log_ratio,
-        ) = ctx.saved_tensors  # fmt: skip
-        scratch = torch.empty_like(student_log_probs)
-        grad_logits = grad_lower = grad_upper = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            share_grad = grad_teacher_band if ctx.winsorize else grad_teacher_band + grad_mass
-            weight_grad = torch.sub(teacher_log_probs, student_log_probs).sub_(expected_log_ratio[:, None])
-            weight_grad.mul_(grad_ratio[:, None]).add_(share_grad[:, None]).mul_(teacher_shares)
-            weight_grad.addcmul_(student_shares, grad_student_band[:, None])  # d loss / d log w
-            mask_grad = weight_grad
-            if ctx.winsorize:
-                grad_lower, grad_upper = _winsorized_threshold_grads(
-                    weight_grad, teacher_log_probs, log_lower, log_upper, scratch
-                )
-                mask_grad = torch.mul(mass_shares, grad_mass[:, None], out=weight_grad)
-            mask_lower, mask_upper = _mask_threshold_grads(
-                mask_grad, teacher_log_probs, log_lower, log_upper, ctx.kappa, scratch
-            )
-            grad_lower = mask_lower if grad_lower is None else grad_lower + mask_lower
-            grad_upper = mask_upper if grad_upper is None else grad_upper + mask_upper
-        if ctx.needs_input_grad[0]:
-            grad_log_probs = torch.mul(student_shares, grad_student_band[:, None])
-            grad_log_probs.addcmul_(teacher_shares, -grad_ratio[:, None])
-            grad_log_probs.scatter_add_(-1, target[:, None], grad_target[:, None])
-            # no gradient through the floor (clamp's own backward passes it at exactly LOG_FLOOR)
-            _fill_where_floored_(grad_log_probs, student_log_probs, 0.0)
-            probs = torch.clamp(student_log_probs, min=_exp_floor(scratch.dtype), out=scratch).exp_()
-            grad_log_probs.addcmul_(probs, -grad_log_probs.sum(dim=-1, keepdim=True))  # log_softmax
-            grad_logits = grad_log_probs.to(ctx.logits_dtype)
-        return grad_logits, grad_lower, grad_upper, None, None, None, None
-
-
-def _winsorized_log_weights(teacher_log_probs: Tensor, log_lower: Tensor, log_upper: Tensor) -> Tensor:
-    """[N, V] log of clamp(p, tau_l, tau_u) / p; -inf outside the support."""
-    clamped = torch.minimum(torch.maximum(teacher_log_probs, log_lower[:, None]), log_upper[:, None])
-    return _fill_where_floored_(clamped.sub_(teacher_log_probs), teacher_log_probs, -math.inf)
-
-
-def _mask_threshold_grads(
-    mask_grad: Tensor, teacher_log_probs: Tensor, log_lower: Tensor, log_upper: Tensor, kappa: float, scratch: Tensor
-) -> tuple[Tensor, Tensor]:
-    """([N], [N]) gradients of the thresholds, given mask_grad = d loss / d log m [N, V]."""
-    bound = -_exp_floor(mask_grad.dtype)  # keeps sigmoid's exp in range (see _exp_floor)
-    torch.sub(log_lower[:, None], teacher_log_probs, out=scratch).div_(kappa).clamp_(-bound, bound).sigmoid_()
-    grad_lower = scratch.mul_(mask_grad).sum(dim=-1).div_(-kappa)  # scratch was sigmoid(-x1)
-    torch.sub(teacher_log_probs, log_upper[:, None], out=scratch).div_(kappa).clamp_(-bound, bound).sigmoid_()
-    return grad_lower, scratch.mul_(mask_grad).sum(dim=-1).div_(kappa)  # scratch was sigmoid(-x2)
-
-
-def _winsorized_threshold_grads(
-    weight_grad: Tensor, teacher_log_probs: Tensor, log_lower: Tensor, log_upper: Tensor, scratch: Tensor
-) -> tuple[Tensor, Tensor]:
-    """([N], [N]) gradients of the thresholds through min(max(log p, log tau_l), log tau_u),
-    given weight_grad = d loss / d log w [N, V]."""
-    half = teacher_log_probs.new_tensor(0.5)
-    raised = torch.maximum(teacher_log_probs, log_lower[:, None])
-    torch.heaviside(log_lower[:, None] - teacher_log_probs, half, out=scratch)
-    grad_lower = scratch.mul_(torch.heaviside(log_upper[:, None] - raised, half)).mul_(weight_grad).sum(dim=-1)
-    torch.heaviside(raised.sub_(log_upper[:, None]), half, out=scratch)
-    return grad_lower, scratch.mul_(weight_grad).sum(dim=-1)
 
 
 def _normalized_kl(sums: BandSums, target_entry: tuple[Tensor, Tensor] | None) -> Tensor:

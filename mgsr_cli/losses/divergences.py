@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import Rows, TermOutput
+from .base import Rows, SharedLogProbs, TermOutput
 
 IGNORE_INDEX = -100
 # Entries per row block inside the closed-form functions: 16 MiB float32 temporaries.
@@ -115,21 +115,50 @@ class Divergence:
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor, *row_aux: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def log_prob_grad(self, log_p: Tensor, log_q: Tensor, *row_aux: Tensor) -> Tensor:
+        """A gradient with respect to log q that the log-softmax turns into dD/dz. dD/dz itself
+        is one (it sums to 0 over the row, so the softmax's Jacobian leaves it unchanged);
+        a subclass may return a cheaper one."""
+        return self.student_logit_grad(log_p.clone(), log_q.clone(), *row_aux)
+
     def __call__(self, rows: Rows) -> TermOutput:
         values = _ClosedFormDivergence.apply(rows.student_logits, rows.teacher_logits.detach(), self)
         return TermOutput(values=values)
+
+    def from_log_probs(self, shared: SharedLogProbs) -> TermOutput:
+        return TermOutput(values=_LogProbDivergence.apply(shared.student, shared.teacher, self))
 
     def __repr__(self) -> str:
         return self.name
 
 
+class _LogProbDivergence(torch.autograd.Function):
+    """values[n] = divergence(p, q) from shared log-probabilities; backward: `log_prob_grad`."""
+
+    @staticmethod
+    def forward(ctx, log_q: Tensor, log_p: Tensor, divergence: Divergence) -> Tensor:
+        values, row_aux = divergence.values(log_p, log_q)
+        ctx.divergence = divergence
+        ctx.save_for_backward(log_q, log_p, *row_aux)
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None]:
+        log_q, log_p, *row_aux = ctx.saved_tensors
+        return ctx.divergence.log_prob_grad(log_p, log_q, *row_aux).mul_(grad_values.unsqueeze(-1)), None, None
+
+
 class ForwardKL(Divergence):
-    """fkl / kd: KL(p || q). Gradient q - p."""
+    """fkl / kd: KL(p || q). Gradient q - p; with respect to log q, -p."""
 
     name = "fkl"
 
     def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         return _kl_rows(log_p, log_q), ()
+
+    def log_prob_grad(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        return log_p.exp().neg_()
 
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor) -> Tensor:
         return log_q.exp_().sub_(log_p.exp_())
@@ -376,11 +405,21 @@ class CrossEntropy:
     name = "sft"
     unit = "token"
     uses_temperature = False
+    uses_teacher = False
 
     def __call__(self, rows: Rows) -> TermOutput:
         if rows.targets is None:
             raise ValueError("'sft' needs targets (labels) for the scored positions")
         return TermOutput(values=_CrossEntropyFunction.apply(rows.student_logits, rows.targets))
+
+    def from_log_probs(self, shared: SharedLogProbs) -> TermOutput:
+        """-log q[target] read from the shared log-softmax (gradient: its backward's softmax - onehot)."""
+        if shared.targets is None:
+            raise ValueError("'sft' needs targets (labels) for the scored positions")
+        ignored = shared.targets == IGNORE_INDEX
+        safe_targets = shared.targets.long().masked_fill(ignored, 0).unsqueeze(-1)
+        target_log_probs = shared.raw_student.gather(-1, safe_targets).squeeze(-1)
+        return TermOutput(values=torch.where(ignored, 0.0, -target_log_probs))
 
     def __repr__(self) -> str:
         return self.name

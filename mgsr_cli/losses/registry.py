@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import LossOutput, Rows, Term
+from .base import LossOutput, Rows, Term, TermOutput
 from .divergences import (
     AdaptiveKL,
     CrossEntropy,
@@ -177,7 +177,9 @@ def _check_options(options: dict[str, object]) -> None:
         raise ValueError(f"unknown loss option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
 
 
-def build_loss(spec: str, *, temperature: float = 1.0, chunk_size: int | None = None, **options: object) -> Objective:
+def build_loss(
+    spec: str, *, temperature: float = 1.0, chunk_size: int | None = None, fused: bool = True, **options: object
+) -> Objective:
     """Build the objective for `spec` (e.g. 'skl:0.1', 'rank:5=2,fkl=1', 'sft,dac_kl,span').
 
     options: the method.md option names (dac_*, span_relation, rank_on, rank_temperature;
@@ -187,7 +189,7 @@ def build_loss(spec: str, *, temperature: float = 1.0, chunk_size: int | None = 
     """
     _check_options(options)
     weighted_terms = [(_build_term(term_spec, options), term_spec.weight) for term_spec in parse_spec(spec)]
-    return Objective(weighted_terms, temperature=temperature, chunk_size=chunk_size)
+    return Objective(weighted_terms, temperature=temperature, chunk_size=chunk_size, fused=fused)
 
 
 @dataclass
@@ -253,6 +255,10 @@ class Objective(nn.Module):
     `uses_temperature = False`) sees the raw student logits, because the cross-entropy on
     the ground truth is not a distillation target. No T² factor is applied: set weights
     instead. The teacher never receives gradient.
+
+    fused (default): every term reads one shared teacher and student log-softmax per block
+    of rows, with the gradient taken block by block (fused.py). fused=False scores term by
+    term, each from the logits: the reference the fused pass is tested against.
     """
 
     def __init__(
@@ -261,6 +267,7 @@ class Objective(nn.Module):
         *,
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         _check_terms(weighted_terms)
@@ -272,6 +279,12 @@ class Objective(nn.Module):
         self.term_modules = nn.ModuleDict({term.name: term for term, _ in weighted_terms if isinstance(term, nn.Module)})
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.fused = fused
+
+    @property
+    def uses_fused(self) -> bool:
+        """The fused pass scores the rows: asked for, and more than one term (one has nothing to share)."""
+        return self.fused and len(self.weighted_terms) > 1
 
     @property
     def has_pair_terms(self) -> bool:
@@ -293,15 +306,23 @@ class Objective(nn.Module):
         _check_vocab(rows.student_logits, rows.teacher_logits)
         if self.has_pair_terms and rows.pairs is None:
             raise ValueError("a pair term (span) needs rows.pairs; pass an empty [0, 2] tensor when there are none")
-        dtype = compute_dtype(rows.student_logits, rows.teacher_logits)
         if rows.num_rows == 0:
-            return self._empty_score(rows, dtype)
+            return self._empty_score(rows, compute_dtype(rows.student_logits, rows.teacher_logits))
+        if self.uses_fused:
+            from .fused import fused_score  # fused.py builds on this module's RowScore and chunk plans
+
+            return fused_score(self, rows, token_count, pair_count)
         raw_rows, scaled_rows = self._rows_for_terms(rows)
+        outputs = [term(scaled_rows if getattr(term, "uses_temperature", True) else raw_rows) for term, _ in self.weighted_terms]
+        return self.score_outputs(rows, outputs, token_count, pair_count)
+
+    def score_outputs(self, rows: Rows, outputs: Sequence[TermOutput], token_count: int, pair_count: int) -> RowScore:
+        """The RowScore of `rows` from each term's output on them (in `weighted_terms` order)."""
+        dtype = compute_dtype(rows.student_logits, rows.teacher_logits)
         counts = {"token": max(token_count, 1), "pair": max(pair_count, 1)}
         per_token = torch.zeros(rows.num_rows, dtype=dtype, device=rows.student_logits.device)
         contributions, terms, stats = [], {}, {}
-        for term, weight in self.weighted_terms:
-            output = term(scaled_rows if getattr(term, "uses_temperature", True) else raw_rows)
+        for (term, weight), output in zip(self.weighted_terms, outputs):
             count = counts[term.unit]
             contributions.append(weight * output.values.sum() / count)
             values = output.values.detach()
@@ -376,7 +397,10 @@ class Objective(nn.Module):
         scores = []
         for (start, end), student, teacher, targets in zip(chunks, student_chunks, teacher_chunks, target_chunks):
             chunk = Rows(student, teacher, targets, pairs_within(rows.pairs, start, end))
-            scores.append(checkpoint(self.score_rows, chunk, token_count, pair_count, use_reentrant=False))
+            if self.uses_fused:  # keeps only gradients already (fused.py): checkpointing would recompute it
+                scores.append(self.score_rows(chunk, token_count, pair_count))
+            else:
+                scores.append(checkpoint(self.score_rows, chunk, token_count, pair_count, use_reentrant=False))
         return scores
 
     def _pair_rows(self, span_pairs: Tensor | None, mask: Tensor) -> Tensor | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Rows, TermOutput
+from .base import Rows, SharedLogProbs, TermOutput
 from .divergences import compute_dtype
 
 RELATIONS = ("pearson", "pearson_logprobs", "hadamard_cosine", "hadamard", "cosine", "inner")
@@ -85,6 +85,12 @@ class SpanLoss:
                 self.relation,
             )
         return TermOutput(values=values)
+
+    def from_log_probs(self, shared: SharedLogProbs) -> TermOutput:
+        """`__call__` from the fused objective's shared log-probabilities (log 0 floored, so
+        "pearson_logprobs" counts masked entries as finite there)."""
+        pairs = shared.pairs if shared.pairs is not None else shared.student.new_zeros((0, 2), dtype=torch.long)
+        return TermOutput(values=span_values(shared.student, shared.teacher, pairs, self.relation))
 
 
 def _inner(left: Tensor, right: Tensor) -> Tensor:
