@@ -15,6 +15,7 @@ import torch
 
 from mgsr_cli.config import DistillConfig, load_recipe
 from mgsr_cli.losses import Objective, build_loss, fused
+from mgsr_cli.losses.span import RELATIONS
 
 RTOL, ATOL = 1e-9, 1e-12
 
@@ -113,6 +114,13 @@ def test_fused_equals_per_term(spec, options, temperature, small_blocks):
 def test_fused_equals_per_term_for_dac_variants(options, small_blocks):
     reference, candidate = objectives("sft=0.3,dac_kl=1,span=2", options)
     batch = random_batch(7)
+    assert_same(evaluate(reference, batch), evaluate(candidate, batch))
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_fused_equals_per_term_for_span_relations(relation, small_blocks):
+    reference, candidate = objectives("sft=0.3,fkl=1,span=2", {"span_relation": relation})
+    batch = random_batch(9)
     assert_same(evaluate(reference, batch), evaluate(candidate, batch))
 
 
