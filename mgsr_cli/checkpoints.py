@@ -1,7 +1,8 @@
 """Crash-safe training checkpoints: written to a temporary directory, then renamed into place.
 
 A checkpoint is Accelerate's state (student + DAC sub-network, optimizer, LR schedule, grad
-scaler, RNG states) plus `TrainState` (step, SGO θ and replay buffer, best score). The file
+scaler, RNG states) plus `TrainState` (step, SGO θ and replay buffer, best score) and its
+`Layout` (process count and engine, checked on resume). The file
 `checkpoints/latest` names the newest complete one; a crash while writing leaves only a
 `.tmp-*` directory behind, which the next save removes.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgsr_cli.artifacts import atomic_write_text
+from mgsr_cli.distributed import Layout
 from mgsr_cli.errors import UsageError
 from mgsr_cli.sgo import SgoState
 
@@ -59,6 +61,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(temporary), safe_serialization=False)
+        if accelerator.is_main_process:
+            Layout.of(accelerator).write(temporary)
     except (OSError, RuntimeError) as error:  # a full disk reaches torch.save as either
         shutil.rmtree(temporary, ignore_errors=True)
         text = (str(error).strip() or type(error).__name__).splitlines()[0]

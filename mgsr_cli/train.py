@@ -7,8 +7,9 @@ final hidden states; score only the response rows through the output layer in ch
 (`heads.fused_head_loss`); backward; clip; AdamW step. Validation drives the adaptive
 scheduler's θ and, with `eval_rouge`, picks the best step by dev ROUGE-L.
 
-Runs under Accelerate: `accelerate launch -m mgsr_cli.cli distill ...` gives DDP without code
-changes. Loss means are over the tokens of the whole global batch (all processes and
+Runs under Accelerate: `accelerate launch --config_file recipes/accelerate/<engine>.yaml -m
+mgsr_cli.cli distill ...` gives DDP, FSDP2 or DeepSpeed ZeRO-2/3 (mgsr_cli/distributed.py says
+what each needs). Loss means are over the tokens of the whole global batch (all processes and
 micro-batches), so one process and N processes compute the same loss.
 """
 
@@ -33,6 +34,7 @@ from mgsr_cli.checkpoints import TrainState, latest_checkpoint, save_checkpoint
 from mgsr_cli.config import DistillConfig, to_dict
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.data import load_examples, resolve_source
+from mgsr_cli.distributed import Layout, check_resumable, check_supported, make_accelerator, share_output_layer, student_state_dict
 from mgsr_cli.errors import UsageError
 from mgsr_cli.heads import HeadLossInputs, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
@@ -70,6 +72,9 @@ class DistillModule(nn.Module):
         self.objectives = objectives
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
+        # FSDP2's transformer auto-wrap (Accelerate) reads the prepared module's _no_split_modules:
+        # each decoder layer of the student becomes its own shard unit, the rest the root's.
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     def forward(self, parts: list[Part], teacher: nn.Module | None):
         """Sum of every part's loss share; returns (loss, [HeadScore per part])."""
@@ -228,12 +233,14 @@ def with_lora(model: nn.Module, config: DistillConfig):
 PEFT_MODEL_PREFIX = "base_model.model."
 
 
-def lora_adapted_copy(student: nn.Module, config: DistillConfig):
-    """A PeftModel around freshly loaded base weights carrying the trained adapters; refuses when
-    any trained adapter tensor fails to land (a silent drop would export the untouched base)."""
+def lora_adapted_copy(student: nn.Module, config: DistillConfig, state: dict):
+    """A PeftModel around freshly loaded base weights carrying the trained adapters (from `state`,
+    the student's whole tensors); refuses when any trained adapter tensor fails to land (a silent
+    drop would export the untouched base)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = {PEFT_MODEL_PREFIX + name: tensor.detach().cpu() for name, tensor in get_peft_model_state_dict(student).items()}
+    trained = get_peft_model_state_dict(student, state_dict=state)
+    adapters = {PEFT_MODEL_PREFIX + name: tensor.detach().cpu() for name, tensor in trained.items()}
     base = load_model(config.student, torch.float32, torch.device("cpu"), config.trust_remote_code)
     wrapped = with_lora(base, config)
     result = set_peft_model_state_dict(wrapped, adapters)
@@ -251,17 +258,12 @@ class Distillation:
     """Holds the run's models, data and state; `train()` is the loop."""
 
     def __init__(self, config: DistillConfig, out_dir: Path, resume: bool, overwrite: bool):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-
         self.config, self.out_dir = config, Path(out_dir)
         cpu = config.device == "cpu" or not torch.cuda.is_available()
-        # Accelerate keeps one process-wide state and refuses a second precision; one process may run
-        # several distills (demo, lab, tests), so each starts from a fresh one (the process group stays).
-        AcceleratorState._reset_state()
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=self._mixed_precision(cpu))
+        self.accelerator = make_accelerator(cpu, self._mixed_precision(cpu))
         self.device = self.accelerator.device
         self.policy = Policy.parse(config.sgo_policy)
+        check_supported(self.accelerator, self.policy.generates or (config.eval_rouge and bool(config.dev_data)), config.grad_accum)
         self.objectives = build_objectives(config)
         self.combined = self.objectives.combined()
         self._load_tokenizers()
@@ -275,6 +277,7 @@ class Distillation:
             {name: objective for name, objective in (("sft", self.objectives.sft), ("distill", self.objectives.distill)) if objective is not None}
         )
         module = DistillModule(self.student, objective_modules, self.vocab_size, config.chunk_size)
+        share_output_layer(module, self.student, self.accelerator)
         optimizer = torch.optim.AdamW(param_groups(self.student, objective_modules, config, self.lr))
         self.scheduler = cosine_schedule(optimizer, self.lr, config.min_lr, config.warmup_steps, self.total_steps)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
@@ -380,6 +383,7 @@ class Distillation:
             )
         self.accelerator.wait_for_everyone()
         if resume and checkpoint is not None:
+            check_resumable(checkpoint, Layout.of(self.accelerator))
             self.accelerator.load_state(str(checkpoint))
             if writer is not None:
                 _truncate_metrics(writer.records_path, self.state.step)
@@ -592,19 +596,20 @@ class Distillation:
     def save_student(self, target: Path) -> None:
         """save_pretrained (safetensors) + tokenizer, written beside `target` and renamed into place."""
         self.accelerator.wait_for_everyone()
+        state = student_state_dict(self.accelerator, self.module)  # whole tensors under FSDP / ZeRO-3 too
         if self.accelerator.is_main_process:
             import shutil
 
             student = self.accelerator.unwrap_model(self.module).student
             temporary = target.with_name(f".tmp-{target.name}")
             shutil.rmtree(temporary, ignore_errors=True)
-            exported = student
             if self.config.lora.enabled:
-                adapted = lora_adapted_copy(student, self.config)
+                adapted = lora_adapted_copy(student, self.config, state)
                 if self.config.lora.export_adapter:
                     adapted.save_pretrained(str(temporary / "adapter"), safe_serialization=True)
-                exported = adapted.merge_and_unload()
-            exported.save_pretrained(str(temporary), safe_serialization=True)
+                adapted.merge_and_unload().save_pretrained(str(temporary), safe_serialization=True)
+            else:
+                student.save_pretrained(str(temporary), state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(str(temporary))
             shutil.rmtree(target, ignore_errors=True)
             temporary.rename(target)
