@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .base import Rows, SharedLogProbs, TermOutput
 from .divergences import compute_dtype
@@ -42,6 +43,8 @@ def span_values(student_log_probs: Tensor, teacher_log_probs: Tensor, pairs: Ten
     A pure function of shared buffers, so a fused pass can hand in the log-softmax it
     already computed. Gradients flow into whichever input requires them.
     """
+    if relation == "pearson":
+        return _PearsonGap.apply(student_log_probs, teacher_log_probs.detach(), pairs.long())
     first, second = pairs[:, 0].long(), pairs[:, 1].long()
     if relation == "pearson_logprobs":
         return _logprob_pearson_gap(student_log_probs, teacher_log_probs, first, second)
@@ -130,3 +133,58 @@ def _logprob_pearson_gap(student_log_probs: Tensor, teacher_log_probs: Tensor, f
     teacher_correlation = _pearson(rows[0], rows[1], valid)
     student_correlation = _pearson(rows[2], rows[3], valid)
     return (teacher_correlation - student_correlation).square()
+
+
+def _centred_probs(log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows [m, V] -> (centred probabilities, squared norms [m], `_pearson`'s spread floors [m])."""
+    probs = log_probs.exp()
+    floors = probs.shape[-1] * (4 * torch.finfo(probs.dtype).eps * probs.amax(dim=-1)).square()
+    centred = probs.sub_(probs.mean(dim=-1, keepdim=True))
+    return centred, centred.square().sum(dim=-1), floors
+
+
+def _correlations(centred: Tensor, norms: Tensor, floors: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """([P] Pearson correlations of the row pairs, 0 without spread; [P] bool: with spread)."""
+    spread = (norms[first] > floors[first]) & (norms[second] > floors[second])
+    dots = torch.einsum("pv,pv->p", centred[first], centred[second])
+    scale = torch.where(spread, norms[first], 1.0).sqrt() * torch.where(spread, norms[second], 1.0).sqrt()
+    return torch.where(spread, dots / scale, 0.0), spread
+
+
+class _PearsonGap(torch.autograd.Function):
+    """"pearson" values (corr(p_i, p_j) - corr(q_i, q_j))^2 with a closed-form backward.
+
+    Each row in a pair is exponentiated and centred once (autograd through `_pearson` kept
+    about a dozen [P, V] temporaries per pair, and the span term cost more than DAC-KL).
+    With c the centred student rows and r = corr(q_i, q_j):
+    d r / d q_i = c_j / (|c_i| |c_j|) - r c_i / |c_i|^2 (already of zero mean, so the centring
+    passes it unchanged), and d / d log q = q * d / d q. No gradient where a row has no spread.
+    """
+
+    @staticmethod
+    def forward(ctx, student_log_probs: Tensor, teacher_log_probs: Tensor, pairs: Tensor) -> Tensor:
+        rows, local = torch.unique(pairs, return_inverse=True)
+        first, second = local[:, 0], local[:, 1]
+        teacher_correlation, _ = _correlations(*_centred_probs(teacher_log_probs[rows]), first, second)
+        centred, norms, floors = _centred_probs(student_log_probs[rows])
+        student_correlation, spread = _correlations(centred, norms, floors, first, second)
+        ctx.save_for_backward(student_log_probs, rows, first, second, centred, norms, student_correlation, teacher_correlation, spread)
+        return (teacher_correlation - student_correlation).square()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values: Tensor):
+        student_log_probs, rows, first, second, centred, norms, correlation, teacher_correlation, spread = ctx.saved_tensors
+        grad_correlation = torch.where(spread, -2.0 * (teacher_correlation - correlation) * grad_values, 0.0)
+        safe_norms = torch.where(norms > 0, norms, 1.0)
+        cross = grad_correlation / (safe_norms[first] * safe_norms[second]).sqrt()  # times the other row
+        own = grad_correlation * correlation  # times the row itself, over its squared norm
+        grad_rows = torch.zeros_like(centred)
+        grad_rows.index_add_(0, first, centred[second] * cross[:, None])
+        grad_rows.index_add_(0, second, centred[first] * cross[:, None])
+        own_share = torch.zeros_like(norms).index_add_(0, first, own).index_add_(0, second, own) / safe_norms
+        grad_rows.addcmul_(centred, -own_share[:, None])
+        grad_rows.mul_(student_log_probs[rows].exp())  # d / d log q = q * d / d q
+        grad = torch.zeros_like(student_log_probs)
+        grad[rows] = grad_rows
+        return grad, None, None
