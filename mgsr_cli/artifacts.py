@@ -162,13 +162,15 @@ class StageWriter:
         overwrite: bool = False,
         records_name: str = RECORDS,
         progress: bool | None = None,
+        prompts: dict | None = None,
     ) -> "StageWriter":
         """Start, resume or (with `overwrite`) restart the stage in `out_dir`.
 
         Refuses an output that is, contains or lies inside an input, a directory holding another
         stage's artifacts, unrelated files, a complete run (unless `overwrite`) or a run started
         with a different config. `progress` says whether the unfinished run holds anything worth
-        resuming (default: whether it has records); a run without is started afresh.
+        resuming (default: whether it has records); a run without is started afresh. `prompts` says
+        how the prompts were rendered (chat.Rendering.describe), for the stages that read them.
         """
         out_dir = Path(out_dir)
         check_separate(out_dir, [entry["path"] for entry in inputs.values() if "path" in entry] + list(models.values()))
@@ -203,6 +205,7 @@ class StageWriter:
                 "inputs": inputs,
                 "models": models,
                 "tokenizer": tokenizer,
+                **({"prompts": prompts} if prompts is not None else {}),
                 "records": records_name,
                 "record_count": 0,
                 "start_time": _now(),

@@ -3,7 +3,9 @@
 A sequence is scored at its response positions only: the logits at position t predict token
 t + 1, so for a prompt of P tokens and a response of R tokens the rows are t = P-1 .. P+R-2
 and their targets are the response tokens. Span pairs are computed once per sequence, when
-the sequence is made, from the response text and the tokenizer's offsets.
+the sequence is made, from the response text and the tokenizer's offsets. A chat sequence with
+`chat_turns: all` also scores its earlier assistant turns inside the prompt (`prompt_targets`),
+as rows after its response rows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mgsr_cli.chat import PAPERS, Rendering, earlier_assistant_positions, response_ids
 from mgsr_cli.data import Example, tokenize_prompts
 from mgsr_cli.spans import response_spans, span_pairs, token_offsets
 
@@ -25,36 +28,53 @@ class SpanSettings:
 
 @dataclass
 class Sequence:
-    """One training sequence; `pairs` are (i, j) indices into its response tokens."""
+    """One training sequence; `pairs` are (i, j) indices into its response tokens; `prompt_targets`
+    are the positions of its prompt that are trained too (earlier assistant turns), never 0."""
 
     example_id: str
     prompt_ids: list[int]
     response_ids: list[int]
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    prompt_targets: tuple[int, ...] = ()
 
 
-def make_sequence(example_id: str, prompt_ids: list[int], response_ids: list[int], tokenizer, spans: SpanSettings | None) -> Sequence:
+def make_sequence(
+    example_id: str, prompt_ids: list[int], response_ids: list[int], tokenizer, spans: SpanSettings | None, prompt_targets: tuple[int, ...] = ()
+) -> Sequence:
     """A sequence with its span pairs (when a span loss will read them)."""
     pairs: list[tuple[int, int]] = []
     if spans is not None and len(response_ids) > 1:
         text = tokenizer.decode(response_ids, skip_special_tokens=False)
         offsets = token_offsets(tokenizer, response_ids, text)
         pairs = span_pairs(response_spans(text, offsets, spans.prior), spans.pairs)
-    return Sequence(example_id, list(prompt_ids), list(response_ids), pairs)
+    return Sequence(example_id, list(prompt_ids), list(response_ids), pairs, prompt_targets)
 
 
 def ground_truth_sequences(
-    examples: list[Example], tokenizer, max_prompt_length: int, max_length: int, spans: SpanSettings | None
+    examples: list[Example],
+    tokenizer,
+    max_prompt_length: int,
+    max_length: int,
+    spans: SpanSettings | None,
+    rendering: Rendering = PAPERS,
+    chat_turns: str = "last",
 ) -> list[Sequence]:
-    """Prompt + first reference + EOS per example, the response cut to fit max_length."""
-    prompts = tokenize_prompts([example for example in examples if example.references], tokenizer, max_prompt_length)
-    responses = tokenizer([prompt.example.references[0] for prompt in prompts], add_special_tokens=False)["input_ids"]
+    """Prompt + first reference + EOS per example, the response cut to fit max_length; chat-rendered
+    examples take the response as the template renders the final assistant turn (chat.py)."""
+    prompts = tokenize_prompts([example for example in examples if example.references], tokenizer, max_prompt_length, rendering)
+    plain = tokenizer([prompt.example.references[0] for prompt in prompts], add_special_tokens=False)["input_ids"]
     sequences = []
-    for prompt, response in zip(prompts, responses):
-        room = max_length - len(prompt.prompt_ids)
-        response_ids = (list(response) + [tokenizer.eos_token_id])[:room]
-        if response_ids:
-            sequences.append(make_sequence(prompt.example.id, list(prompt.prompt_ids), response_ids, tokenizer, spans))
+    for prompt, reference_ids in zip(prompts, plain):
+        example = prompt.example
+        chat = rendering.chat_template and example.messages is not None
+        if chat:
+            response = response_ids(tokenizer, example, prompt.text, example.references[0])
+        else:
+            response = list(reference_ids) + [tokenizer.eos_token_id]
+        trained = earlier_assistant_positions(tokenizer, example, prompt.text) if chat and chat_turns == "all" else ()
+        response = response[: max_length - len(prompt.prompt_ids)]
+        if response:
+            sequences.append(make_sequence(example.id, list(prompt.prompt_ids), response, tokenizer, spans, trained))
     return sequences
 
 
@@ -91,6 +111,8 @@ def collate(sequences: list[Sequence], pad_id: int) -> Batch:
         start = len(sequence.prompt_ids) - 1
         rows.extend((index, start + offset) for offset in range(len(sequence.response_ids)))
         targets.extend(sequence.response_ids)
+        rows.extend((index, position - 1) for position in sequence.prompt_targets)
+        targets.extend(sequence.prompt_ids[position] for position in sequence.prompt_targets)
         pairs.extend((first_row + i, first_row + j) for i, j in sequence.pairs)
     return Batch(
         input_ids=input_ids,

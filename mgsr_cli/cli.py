@@ -64,6 +64,14 @@ TOP_K = typer.Option(None, "--top-k", help="Sample from the K best tokens; 0 swi
 MAX_NEW = typer.Option(None, "--max-new-tokens", help="New tokens per response. [default: fill up to --max-length]")
 MAX_LENGTH = typer.Option(None, "--max-length", help="Prompt + response tokens at most. [default: 512]")
 MAX_PROMPT = typer.Option(None, "--max-prompt-length", help="Longer prompts are dropped (and counted). [default: 256]")
+ChatTemplate = Literal["auto", "on", "off"]
+CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="Prompts through the tokenizer's chat template: auto = on for 'messages' rows, the papers' Alpaca template "
+    "for instruction rows (the shipped sets); on = every row as a chat (needs a template); off = the papers' template. "
+    "An input made by another stage is rendered as it was. [default: auto]",
+)
 
 
 def _version(value: bool) -> None:
@@ -97,9 +105,9 @@ def _given(**flags: Any) -> dict:
 
 
 def _sampling_and_loading(
-    max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+    max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, chat_template, dtype, device, trust_remote_code
 ) -> dict:
-    """The sampling, prompt-length and model-loading flags that `generate` and `evaluate` share, for `_given`."""
+    """The sampling, prompt and model-loading flags that `generate` and `evaluate` share, for `_given`."""
     return dict(
         sampling__max_new_tokens=max_new_tokens,
         sampling__temperature=temperature,
@@ -107,6 +115,7 @@ def _sampling_and_loading(
         sampling__top_k=top_k,
         sampling__max_length=max_length,
         data_format__max_prompt_length=max_prompt_length,
+        data_format__chat_template=chat_template,
         loading__dtype=dtype,
         loading__device=device,
         loading__trust_remote_code=trust_remote_code,
@@ -133,6 +142,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed; same seed and batch size give the same output. [default: 0]"),
     max_length: Optional[int] = MAX_LENGTH,
     max_prompt_length: Optional[int] = MAX_PROMPT,
+    chat_template: Optional[ChatTemplate] = CHAT_TEMPLATE,
     dtype: Dtype = DTYPE,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
@@ -150,7 +160,7 @@ def generate(
             num_samples=num_samples,
             seed=seed,
             **_sampling_and_loading(
-                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, chat_template, dtype, device, trust_remote_code
             ),
         ),
         "flag",
@@ -172,6 +182,7 @@ def evaluate(
     top_k: Optional[int] = TOP_K,
     max_length: Optional[int] = MAX_LENGTH,
     max_prompt_length: Optional[int] = MAX_PROMPT,
+    chat_template: Optional[ChatTemplate] = CHAT_TEMPLATE,
     dtype: Dtype = DTYPE,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
@@ -188,7 +199,7 @@ def evaluate(
             limit=limit,
             batch_size=batch_size,
             **_sampling_and_loading(
-                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, dtype, device, trust_remote_code
+                max_new_tokens, temperature, top_p, top_k, max_length, max_prompt_length, chat_template, dtype, device, trust_remote_code
             ),
         ),
         "flag",

@@ -74,6 +74,11 @@ class DataConfig:
     template_with_input: str = _help("Prompt template with input ({instruction}, {input}).", PROMPT_TEMPLATE_WITH_INPUT)
     max_prompt_length: int = _help("Longer prompts are dropped (and counted).", 256, ge=1)
     split: str = _help("Split of a hub data set.", "train")
+    chat_template: Literal["auto", "on", "off"] = _help(
+        "Render prompts with the tokenizer's chat template: auto = on for 'messages' rows, the papers' "
+        "template for instruction rows (the shipped sets); on = every row as a chat; off = the papers' template.",
+        "auto",
+    )
 
 
 @dataclass
@@ -181,10 +186,14 @@ def override(config: Any, changes: dict, where: str = "flags", path: tuple[str, 
     return check(dataclasses.replace(config, **updates), where, path)
 
 
+# distill flags whose names are not their key paths joined by '-' (flags.py builds them from this)
+FLAG_NAMES = {("loss_options",): "--loss-option", ("data_format", "chat_template"): "--chat-template"}
+
+
 def culprit(where: str, path: tuple[str, ...]) -> str:
     """The flag or key an error names: '--top-p' for flags, 'recipe r.yaml: lr' for recipes."""
     if where == "flags":
-        return "--" + "-".join(path).replace("_", "-")
+        return FLAG_NAMES.get(tuple(path), "--" + "-".join(path).replace("_", "-"))
     if where == "flag":
         return "--" + path[-1].replace("_", "-")
     return f"{where}: {'.'.join(path)}" if path else where
@@ -221,6 +230,8 @@ def check(config: Any, where: str = "config", path: tuple[str, ...] = ()) -> Any
         if config.batch_size % config.grad_accum:
             raise UsageError(f"{name('batch_size')} {config.batch_size} does not split into {name('grad_accum')} {config.grad_accum} micro-batches")
         check_device(config.device, name("device"))
+        if config.chat_turns == "all" and config.data_format.chat_template == "off":
+            raise UsageError(f"{name('chat_turns')} all trains assistant turns, which only the chat template renders; drop {name('data_format.chat_template')} off")
     if isinstance(config, EvaluateConfig):
         if not config.seeds:
             raise UsageError(f"{name('seeds')}: give at least one seed, e.g. 10,20,30,40,50")
@@ -378,6 +389,9 @@ class DistillConfig:
     span_prior: str = _help("How spans are found: phrases | words | fixed:N | spacy.", "phrases")
     span_pairs: Literal["adjacent", "all"] = _help("Token pairs inside a span the span loss compares.", "adjacent")
     sft_on_sgo: bool = _help("Compute sft on the student-generated batch instead of the ground truth (SeqKD).", False)
+    chat_turns: Literal["last", "all"] = _help(
+        "Chat data: train the final assistant turn, or every assistant turn (the others masked as prompt).", "last"
+    )
     chunk_size: int = _help("Response positions projected through the output layer at a time.", 512, ge=1)
 
     sgo_policy: str = _help(

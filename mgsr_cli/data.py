@@ -1,8 +1,11 @@
 """Data sets -> prompts: shipped sets by short name, local files and directories, hub data sets.
 
-Every source ends as a list of `Example` (an id, the templated prompt, the reference
-responses). Prompts are then tokenised once; those over the prompt-length limit are dropped
-and counted, never truncated mid-token.
+Every source ends as a list of `Example` (an id, the prompt in the papers' template and as a
+conversation, the reference responses). Three row layouts: instruction rows (Alpaca/MiniLLM
+fields), ready `prompt` rows (used as is) and `messages` rows (chat.py). One data set holds one
+layout: `messages` mixed with instruction or prompt rows is refused, naming the first row that
+breaks it. Prompts are then rendered (chat.py) and tokenised once; those over the prompt-length
+limit are dropped and counted, never truncated mid-token.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from mgsr_cli.artifacts import RECORDS, is_stage_dir, read_stage
+from mgsr_cli.chat import PAPERS, Rendering, parse_messages, prompt_text
 from mgsr_cli.config import DataConfig
 from mgsr_cli.errors import UsageError
 
@@ -40,17 +44,25 @@ OUTPUT_FIELDS = ("output", "response")
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt with its reference responses (several for S-NI, none for unlabeled prompts)."""
+    """One prompt with its reference responses (several for S-NI, none for unlabeled prompts).
+
+    `prompt` is the papers' template text (or a ready prompt), None for a `messages` row;
+    `messages` is the conversation the chat template renders (None for a ready prompt);
+    `where` is the file and line it came from, for errors.
+    """
 
     id: str
-    prompt: str
+    prompt: str | None
     references: tuple[str, ...]
+    messages: tuple[dict, ...] | None = None
+    where: str = ""
 
 
 @dataclass(frozen=True)
 class PromptTokens:
     example: Example
     prompt_ids: tuple[int, ...]
+    text: str = ""
 
 
 def shipped_path(name: str) -> Path:
@@ -79,6 +91,12 @@ def load_examples(spec: str, config: DataConfig, limit: int | None = None) -> li
         if limit is not None and index >= limit:
             break
         examples.append(_row_to_example(row, index, where, config))
+        if (examples[-1].prompt is None) != (examples[0].prompt is None):
+            kinds = ["a 'messages' row" if example.prompt is None else "an instruction/prompt row" for example in (examples[-1], examples[0])]
+            raise UsageError(
+                f"{examples[-1].where}: {kinds[0]}, but the data set's first row ({examples[0].where}) is {kinds[1]}; "
+                "one data set holds one kind of row (convert or split it)"
+            )
     if not examples:
         raise UsageError(f"data '{spec}' holds no examples")
     return examples
@@ -176,7 +194,13 @@ def _stage_record_to_row(record: dict, where: str) -> dict:
 
 def _row_to_example(row: dict, index: int, where: str, config: DataConfig) -> Example:
     """One row as an Example; every field it reads is checked (type, empty text) and named on error."""
+    identifier = row.get("id", index)
+    if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+        raise UsageError(f"{where}: field 'id' must be a string or an integer, got {_shown(identifier)}")
+    if "messages" in row:
+        return _messages_example(row, str(identifier), where, config)
     prompt = row.get(config.prompt_field) if config.prompt_field else None
+    messages = None
     if prompt is not None:
         _text(prompt, config.prompt_field, where)
     else:
@@ -186,14 +210,21 @@ def _row_to_example(row: dict, index: int, where: str, config: DataConfig) -> Ex
         if context is not None and not isinstance(context, str):
             raise UsageError(f"{where}: field '{name}' must be a string, got {_shown(context)}")
         prompt = format_prompt(instruction, context or "", config)
+        messages = ({"role": "user", "content": f"{instruction}\n\n{context}" if context else instruction},)
     name, output = _field(row, config.output_field, OUTPUT_FIELDS, where, required=False)
     outputs = output if isinstance(output, list) else ([] if output is None else [output])
     for reference in outputs:
         _text(reference, name, where)
-    identifier = row.get("id", index)
-    if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
-        raise UsageError(f"{where}: field 'id' must be a string or an integer, got {_shown(identifier)}")
-    return Example(id=str(identifier), prompt=prompt, references=tuple(outputs))
+    return Example(str(identifier), prompt, tuple(outputs), messages, where)
+
+
+def _messages_example(row: dict, identifier: str, where: str, config: DataConfig) -> Example:
+    """A `messages` row: it may not also carry the fields of an instruction or prompt row."""
+    other = [name for name in (config.prompt_field, config.instruction_field, *INSTRUCTION_FIELDS) if name and name in row]
+    if other:
+        raise UsageError(f"{where}: the row has both 'messages' and '{other[0]}'; give one or the other")
+    conversation, reference = parse_messages(row["messages"], where)
+    return Example(identifier, None, () if reference is None else (reference,), conversation, where)
 
 
 def _text(value, name: str, where: str) -> None:
@@ -226,10 +257,17 @@ def format_prompt(instruction: str, context: str, config: DataConfig) -> str:
     return config.template.format(instruction=instruction)
 
 
-def tokenize_prompts(examples: list[Example], tokenizer, max_prompt_length: int) -> list[PromptTokens]:
-    """Token ids of each prompt; prompts longer than the limit are dropped and counted in the log."""
-    encoded = tokenizer([example.prompt for example in examples], add_special_tokens=True)["input_ids"]
-    kept = [PromptTokens(example, tuple(ids)) for example, ids in zip(examples, encoded) if len(ids) <= max_prompt_length]
+def tokenize_prompts(examples: list[Example], tokenizer, max_prompt_length: int, rendering: Rendering = PAPERS) -> list[PromptTokens]:
+    """Token ids of each prompt as `rendering` renders it; prompts longer than the limit are dropped
+    and counted in the log. A chat-rendered prompt gets no special tokens on top (the template has
+    them), exactly as `apply_chat_template` tokenises."""
+    texts = [prompt_text(example, tokenizer, rendering) for example in examples]
+    encoded = tokenizer(texts, add_special_tokens=not rendering.chat_template)["input_ids"]
+    kept = [
+        PromptTokens(example, tuple(ids), text)
+        for example, ids, text in zip(examples, encoded, texts)
+        if len(ids) <= max_prompt_length
+    ]
     dropped = len(examples) - len(kept)
     if dropped:
         log.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(examples), max_prompt_length)

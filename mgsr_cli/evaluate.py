@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mgsr_cli.artifacts import StageWriter, atomic_write_json, atomic_write_text, describe_input, iter_records
+from mgsr_cli.chat import recorded_renderings, resolve
 from mgsr_cli.config import EvaluateConfig, to_dict
 from mgsr_cli.console import console
 from mgsr_cli.data import SHIPPED, load_examples, resolve_source, tokenize_prompts
@@ -45,8 +46,11 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
         raise UsageError("evaluate needs at least one --model and one --data")
     examples = {label: load_examples(spec, config.data_format, config.limit) for label, spec in data_sets.items()}
     for label, rows in examples.items():
-        if any(not example.references for example in rows):
-            raise UsageError(f"data set '{label}' has examples without a reference output; ROUGE-L needs references")
+        missing = next((example for example in rows if not example.references), None)
+        if missing is not None:
+            what = "no final assistant turn" if missing.prompt is None else "no reference output"
+            raise UsageError(f"{missing.where or label}: example '{missing.id}' has {what}; ROUGE-L needs references")
+    renderings = _renderings(models, examples, list(data_sets.values()), config)
     writer = StageWriter.open(
         out_dir,
         stage="evaluate",
@@ -55,13 +59,15 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
         models=models,
         tokenizer=None,
         overwrite=overwrite,
+        prompts={label: rendering.describe() for label, rendering in renderings.items()},
     )
     done = writer.done_ids()
     expected: dict[tuple[str, str], int] = {}
     for model_label, model_name in models.items():
         model, tokenizer = load_model_and_tokenizer(model_name, config.loading)
         for data_label, rows in examples.items():
-            jobs = [Job(prompt, 0) for prompt in tokenize_prompts(rows, tokenizer, config.data_format.max_prompt_length)]
+            prompts = tokenize_prompts(rows, tokenizer, config.data_format.max_prompt_length, renderings[model_label])
+            jobs = [Job(prompt, 0) for prompt in prompts]
             expected[(model_label, data_label)] = len(jobs)
             for seed in config.seeds:
                 prefix = f"{model_label}|{data_label}|{seed}|"
@@ -77,6 +83,18 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
     console.print(report_table(report))
     writer.complete()
     return out_dir
+
+
+def _renderings(models: dict[str, str], examples: dict[str, list], specs: list[str], config: EvaluateConfig) -> dict:
+    """{model label: how its prompts are rendered}, each from its own tokenizer, before any model loads."""
+    from mgsr_cli.models import load_tokenizer
+
+    rows = [example for group in examples.values() for example in group]
+    recorded = recorded_renderings(specs)
+    return {
+        label: resolve(config.data_format.chat_template, load_tokenizer(name, config.loading.trust_remote_code), rows, recorded, name)
+        for label, name in models.items()
+    }
 
 
 def _scored(record: dict, model_label: str, data_label: str, seed: int) -> dict:

@@ -16,10 +16,10 @@ from typing import Any, Callable, Literal, Optional
 
 import typer
 
-from mgsr_cli.config import DistillConfig, rules_text
+from mgsr_cli.config import FLAG_NAMES, DistillConfig, rules_text
 
 # Flags whose names differ from the field names, for the command-line contract.
-RENAMED = {"loss_options": "--loss-option"}
+RENAMED = {"__".join(path): flag for path, flag in FLAG_NAMES.items()}
 FIRST = ("teacher", "student")
 
 

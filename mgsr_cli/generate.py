@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgsr_cli.artifacts import StageWriter, describe_input
+from mgsr_cli.chat import recorded_renderings, resolve
 from mgsr_cli.config import GenerateConfig, SamplingConfig, to_dict
 from mgsr_cli.console import progress_bar
 from mgsr_cli.data import PromptTokens, load_examples, resolve_source, tokenize_prompts
@@ -81,7 +82,7 @@ def _record(record_id: str, job: Job, response_ids: list[int], ended_with_eos: b
         "id": record_id,
         "example_id": example.id,
         "sample_index": job.sample_index,
-        "prompt": example.prompt,
+        "prompt": job.prompt.text,
         "prompt_ids": list(job.prompt.prompt_ids),
         "response": tokenizer.decode(response_ids, skip_special_tokens=True),
         "response_ids": response_ids,
@@ -94,7 +95,8 @@ def run_generate(config: GenerateConfig, out_dir: Path, overwrite: bool = False)
     """Write `out_dir` with one record per (prompt, sample); resumes an unfinished run."""
     examples = load_examples(config.data, config.data_format, config.limit)
     model, tokenizer = load_model_and_tokenizer(config.model, config.loading)
-    prompts = tokenize_prompts(examples, tokenizer, config.data_format.max_prompt_length)
+    rendering = resolve(config.data_format.chat_template, tokenizer, examples, recorded_renderings([config.data]), config.model)
+    prompts = tokenize_prompts(examples, tokenizer, config.data_format.max_prompt_length, rendering)
     writer = StageWriter.open(
         out_dir,
         stage="generate",
@@ -103,6 +105,7 @@ def run_generate(config: GenerateConfig, out_dir: Path, overwrite: bool = False)
         models={"model": config.model},
         tokenizer=tokenizer_fingerprint(tokenizer),
         overwrite=overwrite,
+        prompts=rendering.describe(),
     )
     jobs = [Job(prompt, index) for prompt in prompts for index in range(config.num_samples)]
     done = writer.done_ids()

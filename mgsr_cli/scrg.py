@@ -401,7 +401,7 @@ def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite
     trust = config.loading.trust_remote_code
     tokenizer = load_tokenizer(config.student, trust)
     fingerprint = check_same_vocabulary(load_tokenizer(config.teacher, trust), tokenizer)
-    _, records = read_stage(input_dir, INPUT_STAGES, tokenizer=fingerprint, vocab_size=len(tokenizer))
+    manifest, records = read_stage(input_dir, INPUT_STAGES, tokenizer=fingerprint, vocab_size=len(tokenizer))
     device = resolve_device(config.loading.device)
     dtype = resolve_dtype(config.loading.dtype, device)
     teacher, student = (load_model(name, dtype, device, trust) for name in (config.teacher, config.student))
@@ -415,6 +415,7 @@ def run_correct(config: CorrectConfig, input_dir: Path, out_dir: Path, overwrite
         models={"teacher": config.teacher, "student": config.student},
         tokenizer=fingerprint,
         overwrite=overwrite,
+        prompts=manifest.get("prompts"),  # correct re-uses the input's prompt ids: rendered as they were
     )
     if writer.manifest["inputs"]["input"]["sha256"] != inputs["input"]["sha256"]:
         raise UsageError(f"output directory '{out_dir}' holds an unfinished 'correct' run of other input records; pass --overwrite")

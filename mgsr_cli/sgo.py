@@ -138,7 +138,7 @@ class SgoMaker:
         finally:
             self.student.train(was_training)
         return [
-            make_sequence(prompt.example_id, prompt.prompt_ids, response, self.tokenizer, self.spans)
+            make_sequence(prompt.example_id, prompt.prompt_ids, response, self.tokenizer, self.spans, prompt.prompt_targets)
             for prompt, response in zip(prompts, responses)
         ]
 

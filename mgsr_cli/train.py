@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mgsr_cli.artifacts import StageWriter, atomic_write_text, describe_input, iter_records, read_manifest
 from mgsr_cli.batches import Batch, Sequence, SpanSettings, collate, ground_truth_sequences, make_sequence
+from mgsr_cli.chat import recorded_renderings, resolve, template_sha256
 from mgsr_cli.checkpoints import TrainState, latest_checkpoint, save_checkpoint
 from mgsr_cli.config import DistillConfig, to_dict
 from mgsr_cli.console import console, progress_bar
@@ -299,7 +300,9 @@ class Distillation:
         if not config.teacher or not config.student:
             raise UsageError("distill needs --teacher and --student")
         self.tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-        check_same_vocabulary(load_tokenizer(config.teacher, config.trust_remote_code), self.tokenizer)
+        teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
+        check_same_vocabulary(teacher_tokenizer, self.tokenizer)
+        self.teacher_template = template_sha256(teacher_tokenizer)
         self.vocab_size = len(self.tokenizer)
 
     def _load_models(self) -> None:
@@ -331,16 +334,33 @@ class Distillation:
         config = self.config
         spans = self._span_settings()
         examples = load_examples(config.data, config.data_format, config.limit)
-        self.train_sequences = ground_truth_sequences(examples, self.tokenizer, config.data_format.max_prompt_length, config.max_length, spans)
+        self.dev_examples = load_examples(config.dev_data, config.data_format, config.dev_limit) if config.dev_data else []
+        self._resolve_rendering(examples)
+
+        def sequences(rows):
+            return ground_truth_sequences(
+                rows, self.tokenizer, config.data_format.max_prompt_length, config.max_length, spans, self.rendering, config.chat_turns
+            )
+
+        self.train_sequences = sequences(examples)
         if not self.train_sequences:
             raise UsageError(f"training data '{config.data}' holds no example with a reference response")
-        self.dev_examples = load_examples(config.dev_data, config.data_format, config.dev_limit) if config.dev_data else []
-        self.dev_sequences = (
-            ground_truth_sequences(self.dev_examples, self.tokenizer, config.data_format.max_prompt_length, config.max_length, spans)
-            if self.dev_examples
-            else []
-        )
+        self.dev_sequences = sequences(self.dev_examples) if self.dev_examples else []
         self.static_pool = self._load_static(spans) if self.policy.kind == "static" else {}
+
+    def _resolve_rendering(self, examples) -> None:
+        """One rendering for training, validation and SGO prompts (chat.py); the static SGO must share it.
+        Prompts are rendered with the student's tokenizer; the teacher reads the same ids."""
+        config = self.config
+        chat_row = next((example for example in examples if example.prompt is None and not example.references), None)
+        if chat_row is not None:
+            raise UsageError(f"{chat_row.where}: a 'messages' training row needs a final assistant turn (the response to train on)")
+        inputs = [config.data, config.dev_data, config.sgo_data if self.policy.kind == "static" else None]
+        self.rendering = resolve(
+            config.data_format.chat_template, self.tokenizer, examples + self.dev_examples, recorded_renderings(inputs), config.student
+        )
+        if self.rendering.chat_template and self.teacher_template != self.rendering.template_sha256:
+            log.warning("the teacher's chat template differs from the student's; prompts are rendered with the student's")
 
     def _load_static(self, spans: SpanSettings | None) -> dict[str, list[Sequence]]:
         if not self.config.sgo_data:
@@ -380,6 +400,7 @@ class Distillation:
                 overwrite=overwrite,
                 records_name="metrics.jsonl",
                 progress=checkpoint is not None,  # metrics without a checkpoint are redone from step 0
+                prompts=self.rendering.describe(),
             )
         self.accelerator.wait_for_everyone()
         if resume and checkpoint is not None:
@@ -559,7 +580,9 @@ class Distillation:
         """Dev ROUGE-L x100 of sampled responses (fixed seeds, so steps are compared fairly)."""
         from mgsr_cli.data import tokenize_prompts
 
-        prompts = tokenize_prompts(self.dev_examples[: self.config.eval_rouge_examples], self.tokenizer, self.config.data_format.max_prompt_length)
+        prompts = tokenize_prompts(
+            self.dev_examples[: self.config.eval_rouge_examples], self.tokenizer, self.config.data_format.max_prompt_length, self.rendering
+        )
         mine = prompts[self.accelerator.process_index :: self.world]
         size = max(self.config.batch_size // self.world, 1)
         student = self.accelerator.unwrap_model(self.module).student
