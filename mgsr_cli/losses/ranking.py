@@ -1,13 +1,26 @@
-"""rank:k: RLKD's ranking loss (arXiv 2409.12545), L = 1 - Spearman(teacher, student).
+"""rank:k: RLKD's ranking loss (arXiv 2409.12545), L = 1 - Pearson(soft ranks of teacher, student).
 
-Per row, the candidate tokens are the union of the teacher's and the student's top-k
-indices. The union is built per row, never across rows: each row keeps its own 2k slots
-(teacher top-k, then student top-k), and a student index already in the teacher's top-k
-is marked invalid instead of being removed, so rows stay rectangular ([N, 2k] + mask).
+The default follows the official code (github.com/Pty72/RLKD, `sft/kd_sft.py`,
+`topk_spearman_loss`):
+- candidates (`rank_union="batch"`): `torch.unique(cat(teacher top-k, student top-k), dim=-1)`
+  over the whole [N, 2k] index matrix of the rows scored together. That removes only
+  columns equal in every row, so with several rows each row keeps all 2k slots, a token in
+  both top-k lists twice. We take it over the rows one call sees (a chunk of the batch); the
+  official code takes it over a micro-batch. Both give all 2k columns unless a column
+  repeats in every row.
+- ranks (`rank_method="l2"`): torchsort's `soft_rank` with l2 regularisation of strength
+  `rank_temperature` (official: 1) over the gathered raw logits. We compute it here in
+  plain torch (`soft_rank_l2`), with no compiled extension.
+- value per row: 1 - Pearson correlation of the two rank vectors over the candidates; the
+  official loss is the batch mean of that plus KL / 2 (recipes/rlkd.yaml: `rank:5,fkl=0.5`).
+  Where the official code gets NaN (a row whose ranks are all tied, e.g. every logit
+  within the regularisation of the others), it drops the rank term for the whole batch.
+  Here only that row gets 0.
 
-The soft rank is written here (pairwise sigmoids) rather than taken from a package:
-torchsort, the usual choice, needs a compiled C++/CUDA extension, and a [N, 2k, 2k]
-pairwise form is cheap for k of a few tokens and differentiable everywhere.
+`rank_method="sigmoid", rank_union="row"` is this module's first variant. It uses pairwise
+sigmoid ranks, and each row keeps its own union of the teacher's and the student's top-k
+(a repeated index is masked, not repeated). At near-hard ranks (small rank_temperature),
+with the per-row union, both methods give the same hard ranks and hence the same loss.
 """
 
 from __future__ import annotations
@@ -19,9 +32,67 @@ from .base import Rows, TermOutput
 from .divergences import compute_dtype
 
 RANK_ON_CHOICES = ("logprobs", "probs", "logits")
+RANK_METHODS = ("l2", "sigmoid")
+RANK_UNIONS = ("batch", "row")
 
 
-def soft_rank(values: Tensor, valid: Tensor, temperature: float) -> Tensor:
+def soft_rank_l2(values: Tensor, strength: float = 1.0, valid: Tensor | None = None) -> Tensor:
+    """Ascending l2 soft ranks (Blondel et al. 2020, torchsort's `soft_rank(values, "l2", strength)`).
+
+    values [N, n] -> [N, n]: the Euclidean projection of values / strength onto the
+    permutahedron of (1, ..., n): z = values / strength sorted descending, y = z - (n, ..., 1),
+    v = the non-increasing isotonic regression of y, ranks = z - v, unsorted. As strength -> 0
+    these tend to the hard ranks 1..n. They are invariant to a shift of a row (log-probs rank
+    like logits). `_isotonic_nonincreasing` differentiates as PAV does (block averaging), so
+    there is no custom backward.
+    Invalid entries (valid [N, n] False) are ranked below every valid one without touching
+    their ranks, so the valid entries get their ranks among themselves plus the number of
+    invalid ones; the invalid entries' ranks mean nothing.
+    """
+    scaled = values / strength
+    width = values.shape[-1]
+    if valid is not None:
+        # far enough below the row's smallest valid value that isotonic pooling never reaches it
+        lowest = scaled.detach().masked_fill(~valid, torch.inf).amin(dim=-1, keepdim=True)
+        scaled = torch.where(valid, scaled, lowest - (2 * width + 2))
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    weights = torch.arange(width, 0, -1, dtype=ordered.dtype, device=ordered.device)
+    ranks_in_order = ordered - _isotonic_nonincreasing(ordered - weights)
+    return ranks_in_order.gather(-1, order.argsort(dim=-1))
+
+
+def _isotonic_nonincreasing(y: Tensor) -> Tensor:
+    """argmin over v_1 >= ... >= v_n of ||v - y||^2, per row of y [N, n], with its Jacobian.
+
+    The solution is piecewise constant: v is the mean of y over each block of a partition
+    into runs. The blocks are found without gradient by the min-max formula of isotonic
+    regression (Barlow et al. 1972): v_i = min over a <= i of max over b >= i of
+    mean(y_a..y_b). The interval means come from a cumulative sum, [N, n, n], which for the
+    few candidates of a rank loss (n = 2k = 10) is cheaper than a sequential
+    pool-adjacent-violators loop and needs no compiled code. A block is a run of equal
+    values (within rounding), the partition torchsort's backward uses. v is then recomputed
+    as the block means of y with autograd, so dv/dy is the block-averaging matrix, the
+    Jacobian of PAV's solution.
+    """
+    width = y.shape[-1]
+    with torch.no_grad():
+        sums = torch.cat([torch.zeros_like(y[..., :1]), y.cumsum(dim=-1)], dim=-1)  # sums[a] = y_0 + ... + y_{a-1}
+        index = torch.arange(width, device=y.device)
+        start, end = index.view(-1, 1), index.view(1, -1)  # the interval [start, end]
+        lengths = (end - start + 1).clamp_min(1).to(y.dtype)
+        means = ((sums[..., None, 1:] - sums[..., :-1, None]) / lengths).masked_fill(end < start, -torch.inf)
+        best_end = means.flip(-1).cummax(dim=-1).values.flip(-1)  # [a, i]: max over end >= i of means[a, end]
+        solution = best_end.masked_fill(start > end, torch.inf).amin(dim=-2)
+        tolerance = torch.finfo(y.dtype).eps * 64 * (1.0 + y.abs().amax(dim=-1, keepdim=True))
+        new_block = (solution[..., 1:] - solution[..., :-1]).abs() > tolerance.clamp_min(1e-9)
+        first = torch.zeros(*new_block.shape[:-1], 1, dtype=torch.long, device=y.device)
+        block = torch.cat([first, new_block.long()], dim=-1).cumsum(dim=-1)
+        same_block = (block.unsqueeze(-1) == block.unsqueeze(-2)).to(y.dtype)
+        averaging = same_block / same_block.sum(dim=-1, keepdim=True)
+    return (averaging @ y.unsqueeze(-1)).squeeze(-1)
+
+
+def soft_rank_sigmoid(values: Tensor, valid: Tensor, temperature: float) -> Tensor:
     """Differentiable ascending ranks (1 = smallest) among the valid entries of each row.
 
     values, valid: [N, M]. rank_i = 1 + Σ_{j valid, j != i} σ((v_i - v_j) / temperature);
@@ -66,33 +137,56 @@ def union_top_k(teacher_logits: Tensor, student_logits: Tensor, k: int) -> tuple
     return indices, ~(same_index & earlier).any(dim=-1)
 
 
-class RankLoss:
-    """rank:k. Values [N]: 1 - Spearman correlation of teacher and student soft ranks.
+def batch_top_k(teacher_logits: Tensor, student_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The official candidates: the distinct columns of [teacher top-k, student top-k] over all rows."""
+    k = min(k, teacher_logits.shape[-1])
+    indices = torch.cat([teacher_logits.topk(k, dim=-1).indices, student_logits.topk(k, dim=-1).indices], dim=-1)
+    indices = torch.unique(indices, dim=-1) if indices.shape[0] > 0 else indices
+    return indices, torch.ones_like(indices, dtype=torch.bool)
 
-    rank_on: which values are ranked. `logprobs` (default) ranks in nats, where a fixed
-    temperature means the same thing for every row; `logits` gives exactly the same ranks,
-    since log-probs differ from logits by a per-row constant that pairwise differences
-    cancel (both are computed from gathered logits, no V-wide log-softmax); `probs` ranks
-    probabilities, whose gaps shrink with the token's mass, so it needs a much smaller
-    rank_temperature (about 0.01). rank_temperature (default 1.0 nat): small values give
-    near-hard ranks with sparse gradients; large values make the loss tend to 1 - Pearson
-    correlation of the raw values.
-    Entries whose teacher or student value is not finite (masked vocabulary) are skipped.
+
+class RankLoss:
+    """rank:k. Values [N]: 1 - Pearson correlation of teacher and student soft ranks.
+
+    rank_method / rank_union: see the module docstring (official: "l2" / "batch").
+    rank_on: which values are ranked. `logprobs` (default) and `logits` give exactly the
+    same ranks under both methods: a per-row shift changes neither the sigmoid differences
+    nor the l2 projection. Both are gathered logits, with no V-wide log-softmax. `probs`
+    ranks probabilities, whose gaps shrink with the token's mass, so it needs a much smaller
+    rank_temperature (about 0.01).
+    rank_temperature (default 1.0, the official l2 strength): the l2 regularisation
+    strength, or the sigmoid temperature in nats. Small values give near-hard ranks with
+    sparse gradients. Entries whose teacher or student value is not finite (masked
+    vocabulary) are skipped.
     """
 
     name = "rank"
     unit = "token"
 
-    def __init__(self, k: int = 5, rank_on: str = "logprobs", rank_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        k: int = 5,
+        rank_on: str = "logprobs",
+        rank_temperature: float = 1.0,
+        rank_method: str = "l2",
+        rank_union: str = "batch",
+    ) -> None:
         if k < 1:
             raise ValueError(f"'rank' needs k >= 1, got {k}")
-        if rank_on not in RANK_ON_CHOICES:
-            raise ValueError(f"rank_on must be one of {', '.join(RANK_ON_CHOICES)}, got {rank_on!r}")
+        for option, value, choices in (
+            ("rank_on", rank_on, RANK_ON_CHOICES),
+            ("rank_method", rank_method, RANK_METHODS),
+            ("rank_union", rank_union, RANK_UNIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
         if not rank_temperature > 0:
             raise ValueError(f"rank_temperature must be > 0, got {rank_temperature}")
         self.k = k
         self.rank_on = rank_on
         self.rank_temperature = rank_temperature
+        self.rank_method = rank_method
+        self.rank_union = rank_union
 
     def _ranked_values(self, logits: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
         gathered = logits.gather(-1, indices).to(dtype)
@@ -100,16 +194,22 @@ class RankLoss:
             return gathered
         return (gathered - torch.logsumexp(logits.to(dtype), dim=-1, keepdim=True)).exp()
 
+    def _soft_rank(self, values: Tensor, valid: Tensor) -> Tensor:
+        if self.rank_method == "l2":
+            return soft_rank_l2(values, self.rank_temperature, valid)
+        return soft_rank_sigmoid(values, valid, self.rank_temperature)
+
     def __call__(self, rows: Rows) -> TermOutput:
         teacher_logits = rows.teacher_logits.detach()
         student_logits = rows.student_logits
         dtype = compute_dtype(student_logits, teacher_logits)
-        indices, valid = union_top_k(teacher_logits, student_logits.detach(), self.k)
+        candidates = batch_top_k if self.rank_union == "batch" else union_top_k
+        indices, valid = candidates(teacher_logits, student_logits.detach(), self.k)
         teacher_values = self._ranked_values(teacher_logits, indices, dtype)
         student_values = self._ranked_values(student_logits, indices, dtype)
         valid = valid & teacher_values.isfinite() & student_values.isfinite()
-        teacher_ranks = soft_rank(teacher_values, valid, self.rank_temperature)
-        student_ranks = soft_rank(student_values, valid, self.rank_temperature)
+        teacher_ranks = self._soft_rank(teacher_values, valid)
+        student_ranks = self._soft_rank(student_values, valid)
         return TermOutput(values=1.0 - masked_pearson(teacher_ranks, student_ranks, valid))
 
     def __repr__(self) -> str:

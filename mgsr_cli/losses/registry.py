@@ -114,7 +114,7 @@ def term_options() -> dict[str, tuple[str, ...]]:
     return {
         "dac_kl": _constructor_options("dac_kl", "DacKL", DAC_OPTIONS),
         "span": _constructor_options("span", "SpanLoss", ("span_relation",)),
-        "rank": ("rank_on", "rank_temperature"),
+        "rank": ("rank_on", "rank_temperature", "rank_method", "rank_union"),
     }
 
 
