@@ -2,12 +2,14 @@
 
 The default follows the official code (github.com/Pty72/RLKD, `sft/kd_sft.py`,
 `topk_spearman_loss`):
-- candidates (`rank_union="batch"`): `torch.unique(cat(teacher top-k, student top-k), dim=-1)`
-  over the whole [N, 2k] index matrix of the rows scored together. That removes only
-  columns equal in every row, so with several rows each row keeps all 2k slots, a token in
-  both top-k lists twice. We take it over the rows one call sees (a chunk of the batch); the
-  official code takes it over a micro-batch. Both give all 2k columns unless a column
-  repeats in every row.
+- candidates (`rank_union="slots"`): `torch.unique(cat(teacher top-k, student top-k), dim=-1)`
+  over the whole [N, 2k] index matrix of a batch. That drops a column only when it repeats
+  in every row, so with several rows each row keeps all 2k slots, and a token in both
+  top-k lists counts twice (a tie). We keep every slot of every row. That equals the
+  official set whenever no slot column repeats across the whole batch, which is any batch
+  of real text beyond a few tokens. A one-row batch is the exception: there the official
+  code keeps the per-row union. Keeping the slots keeps the loss a function of each row
+  alone, so chunked and fused evaluation give the batch's value.
 - ranks (`rank_method="l2"`): torchsort's `soft_rank` with l2 regularisation of strength
   `rank_temperature` (official: 1) over the gathered raw logits. We compute it here in
   plain torch (`soft_rank_l2`), with no compiled extension.
@@ -33,7 +35,7 @@ from .divergences import compute_dtype
 
 RANK_ON_CHOICES = ("logprobs", "probs", "logits")
 RANK_METHODS = ("l2", "sigmoid")
-RANK_UNIONS = ("batch", "row")
+RANK_UNIONS = ("slots", "row")
 
 
 def soft_rank_l2(values: Tensor, strength: float = 1.0, valid: Tensor | None = None) -> Tensor:
@@ -137,18 +139,17 @@ def union_top_k(teacher_logits: Tensor, student_logits: Tensor, k: int) -> tuple
     return indices, ~(same_index & earlier).any(dim=-1)
 
 
-def batch_top_k(teacher_logits: Tensor, student_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The official candidates: the distinct columns of [teacher top-k, student top-k] over all rows."""
+def slot_top_k(teacher_logits: Tensor, student_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The official candidates: all 2k slots [teacher top-k, student top-k] of each row, all valid."""
     k = min(k, teacher_logits.shape[-1])
     indices = torch.cat([teacher_logits.topk(k, dim=-1).indices, student_logits.topk(k, dim=-1).indices], dim=-1)
-    indices = torch.unique(indices, dim=-1) if indices.shape[0] > 0 else indices
     return indices, torch.ones_like(indices, dtype=torch.bool)
 
 
 class RankLoss:
     """rank:k. Values [N]: 1 - Pearson correlation of teacher and student soft ranks.
 
-    rank_method / rank_union: see the module docstring (official: "l2" / "batch").
+    rank_method / rank_union: see the module docstring (official: "l2" / "slots").
     rank_on: which values are ranked. `logprobs` (default) and `logits` give exactly the
     same ranks under both methods: a per-row shift changes neither the sigmoid differences
     nor the l2 projection. Both are gathered logits, with no V-wide log-softmax. `probs`
@@ -169,7 +170,7 @@ class RankLoss:
         rank_on: str = "logprobs",
         rank_temperature: float = 1.0,
         rank_method: str = "l2",
-        rank_union: str = "batch",
+        rank_union: str = "slots",
     ) -> None:
         if k < 1:
             raise ValueError(f"'rank' needs k >= 1, got {k}")
@@ -203,7 +204,7 @@ class RankLoss:
         teacher_logits = rows.teacher_logits.detach()
         student_logits = rows.student_logits
         dtype = compute_dtype(student_logits, teacher_logits)
-        candidates = batch_top_k if self.rank_union == "batch" else union_top_k
+        candidates = slot_top_k if self.rank_union == "slots" else union_top_k
         indices, valid = candidates(teacher_logits, student_logits.detach(), self.k)
         teacher_values = self._ranked_values(teacher_logits, indices, dtype)
         student_values = self._ranked_values(student_logits, indices, dtype)

