@@ -178,17 +178,34 @@ def _check_options(options: dict[str, object]) -> None:
 
 
 def build_loss(
-    spec: str, *, temperature: float = 1.0, chunk_size: int | None = None, fused: bool = True, **options: object
+    spec: str,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    fused: bool = True,
+    temperature_squared: bool = False,
+    **options: object,
 ) -> Objective:
-    """Build the objective for `spec` (e.g. 'skl:0.1', 'rank:5=2,fkl=1', 'sft,dac_kl,span').
+    """Build the objective for `spec` (e.g. 'skl:0.1', 'rank:5,fkl=0.5', 'sft,dac_kl,span').
 
     options: the method.md option names (dac_*, span_relation, rank_on, rank_temperature;
     span_prior / span_pairs are batch-building options and ignored here). Options of terms
     absent from the spec are ignored, so a recipe can carry all of them; a name unknown to
     every term is a ValueError.
+    temperature_squared (a loss option, default off): multiply the weight of every term
+    that sees temperature-scaled logits by T², as Hinton et al. and f-DISTILL's word-level
+    KD (MANGA-UOFA/fdistill, dart/distillation.py) do, so the gradient keeps its size as T
+    grows. Logged term values stay unweighted.
     """
+    if not isinstance(temperature_squared, bool):
+        raise ValueError(f"temperature_squared must be true or false, got {temperature_squared!r}")
     _check_options(options)
-    weighted_terms = [(_build_term(term_spec, options), term_spec.weight) for term_spec in parse_spec(spec)]
+    factor = temperature**2 if temperature_squared else 1.0
+    weighted_terms = []
+    for term_spec in parse_spec(spec):
+        term = _build_term(term_spec, options)
+        scaled = getattr(term, "uses_temperature", True)
+        weighted_terms.append((term, term_spec.weight * factor if scaled else term_spec.weight))
     return Objective(weighted_terms, temperature=temperature, chunk_size=chunk_size, fused=fused)
 
 
@@ -253,8 +270,9 @@ class Objective(nn.Module):
 
     temperature divides both logits for the distillation terms; `sft` (any term with
     `uses_temperature = False`) sees the raw student logits, because the cross-entropy on
-    the ground truth is not a distillation target. No T² factor is applied: set weights
-    instead. The teacher never receives gradient.
+    the ground truth is not a distillation target. No T² factor is applied here;
+    build_loss(temperature_squared=True) folds it into the weights. The teacher never
+    receives gradient.
 
     fused (default): every term reads one shared teacher and student log-softmax per block
     of rows, with the gradient taken block by block (fused.py). fused=False scores term by
