@@ -90,10 +90,14 @@ class LabScale:
         }
 
 
-# Sized for the shared 2 cores (9 users, runs ~5x slower than idle): about 15 minutes idle. The
-# previous run (teacher 1200 SFT steps, init 400) left a teacher only 0.93 ROUGE-L above the init,
-# inside the seed noise; the init now gets 150 SFT steps, so the teacher-init gap is wide. One
-# training seed (the paired bootstrap over examples x evaluation seeds gives the CIs) buys the time.
+# Sized for the shared 2 cores (8 users; under load a step runs ~4x slower than idle). ROUGE-L of
+# sampled text barely moves until the dev loss falls under ~6.3 nats (an init at 80 or 150 SFT
+# steps scores 2.8-2.9 alike), so the teacher-init gap comes from training the teacher further
+# (700 steps at lr 2e-3, previously 500 at 1e-3 left it only 0.58 ahead, 1.7x a method's CI
+# half-width). Sampling noise is about two thirds of a ROUGE-L score's per-example variance, so
+# at the cost of 50 examples x 2 evaluation seeds, 120 examples x 1 seed narrow the CI more
+# (Vicuna has 80). One training seed: a second doubles distillation and evaluation, which the
+# shared cores cannot fit in the hour.
 FULL = LabScale(
     name="cpu",
     vocab_size=4096,
@@ -102,9 +106,9 @@ FULL = LabScale(
     student=TinySize(n_layer=2, n_embd=128, n_head=2),
     n_positions=512,
     sft_examples=8000,
-    teacher_sft_steps=500,
-    student_sft_steps=150,
-    sft_lr=1e-3,
+    teacher_sft_steps=700,
+    student_sft_steps=100,
+    sft_lr=2e-3,
     batch_size=8,
     max_length=192,
     max_prompt_length=128,
@@ -114,8 +118,8 @@ FULL = LabScale(
     response_tokens=48,
     theta_init=0.5,
     train_seeds=(1,),
-    eval_examples=50,
-    eval_seeds=(10, 20),
+    eval_examples=120,
+    eval_seeds=(10,),
 )
 
 # About 8 minutes on one H100-class GPU by an estimate from the CPU timings (never run: no GPU was
@@ -189,16 +193,17 @@ class Timings:
     units: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     invocations: int = 0
+    commits: list[str] = field(default_factory=list)  # the code each invocation ran on
 
     @classmethod
     def load(cls, path: Path) -> "Timings":
         data = json.loads(path.read_text()) if path.exists() else {}
-        return cls(path, data.get("units", {}), data.get("phases", {}), data.get("invocations", 0))
+        return cls(path, data.get("units", {}), data.get("phases", {}), data.get("invocations", 0), data.get("commits", []))
 
     def save(self) -> None:
         from mgsr_cli.artifacts import atomic_write_json
 
-        atomic_write_json(self.path, {"units": self.units, "phases": self.phases, "invocations": self.invocations})
+        atomic_write_json(self.path, {"units": self.units, "phases": self.phases, "invocations": self.invocations, "commits": self.commits})
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -296,6 +301,19 @@ def workers_for(workers: int, threads: int):
         torch.set_num_threads(previous)
 
 
+def code_version() -> str:
+    """The repository's commit, '+dirty' with uncommitted changes; 'unknown' outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def _failure(unit: Unit, runs: Path, error: BaseException) -> RuntimeError:
     return RuntimeError(f"{unit.name} failed: {error} (its log: {_log_path(runs, unit)})")
 
@@ -363,18 +381,38 @@ def evaluate_unit(label: str, model: Path, runs: Path, scale: LabScale) -> Unit:
     return Unit(f"eval-{label}", "evaluate", config, runs / "evaluate" / label)
 
 
+# The knobs that shape the tokenizer, the models and their SFT: the only ones a runs directory
+# holding nothing past the SFT phase (a `--until sft` run) pins; the others may still change.
+SFT_KNOBS = frozenset(
+    {"vocab_size", "tokenizer_examples", "teacher", "student", "n_positions", "sft_examples", "teacher_sft_steps", "student_sft_steps",
+     "sft_lr", "batch_size", "max_length", "max_prompt_length", "dev_examples", "device"}
+)
+
+
 def check_scale(runs: Path, scale: LabScale) -> None:
-    """A runs directory holds one scale only: mixing the quick and full studies would be silent nonsense."""
+    """A runs directory holds one scale only: mixing the quick and full studies would be silent nonsense.
+
+    Past the SFT phase every knob is pinned; before it, only `SFT_KNOBS`."""
     path = runs / "lab_scale.json"
     current = json.loads(json.dumps(dataclasses.asdict(scale)))
-    if path.exists() and json.loads(path.read_text()) != current:
-        raise SystemExit(f"error: {runs} holds runs of a different lab scale; choose another --out or delete {runs}")
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = {key for key in current.keys() | previous.keys() if previous.get(key) != current.get(key)}
+        past_sft = (runs / "distill").exists() or (runs / "evaluate").exists()
+        if changed and (past_sft or changed & SFT_KNOBS):
+            raise SystemExit(f"error: {runs} holds runs of a different lab scale ({', '.join(sorted(changed))}); choose another --out or delete {runs}")
     runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=2))
 
 
-def run_lab(out: Path, scale: LabScale, workers: int = 2, threads: int = 1) -> Path:
-    """Run (or continue) the study under out/runs and write out/lab.md, lab.png, lab.json."""
+PHASES = ("sft", "distill", "evaluate")
+
+
+def run_lab(out: Path, scale: LabScale, workers: int = 2, threads: int = 1, until: str | None = None) -> Path | None:
+    """Run (or continue) the study under out/runs and write out/lab.md, lab.png, lab.json.
+
+    `until` stops after that phase (returns None, writes no report): on shared cores the long
+    teacher SFT can run ahead and a later invocation continues from its complete units."""
     from experiments.lab_models import build_model, train_tokenizer
     from experiments.lab_report import write_report
 
@@ -382,6 +420,7 @@ def run_lab(out: Path, scale: LabScale, workers: int = 2, threads: int = 1) -> P
     check_scale(runs, scale)
     timings = Timings.load(runs / "timings.json")
     timings.invocations += 1
+    timings.commits.append(code_version())
     models = runs / "models"
     with workers_for(workers, threads) as pool:
         with timings.phase("tokenizer and models"):
@@ -395,10 +434,14 @@ def run_lab(out: Path, scale: LabScale, workers: int = 2, threads: int = 1) -> P
                 sft_unit("student-init", models / "student", runs, scale.student_sft_steps, scale),
             ]
             execute(sft, pool, runs, timings)
+        if until == "sft":
+            return None
         teacher, student = (unit.out_dir / "student" for unit in sft)
         distills = distill_units(scale, teacher, student, runs)
         with timings.phase("distillation"):
             execute(distills, pool, runs, timings)
+        if until == "distill":
+            return None
         evaluations = [evaluate_unit("teacher", teacher, runs, scale), evaluate_unit("student-init", student, runs, scale)]
         evaluations += [evaluate_unit(unit.name, unit.out_dir / "student", runs, scale) for unit in distills]
         with timings.phase("evaluation"):
@@ -411,16 +454,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where lab.md, lab.png, lab.json and runs/ go")
     parser.add_argument("--quick", action="store_true", help="tiny everything: checks the pipeline in a few minutes, not the ranking")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: about 15 minutes on 2 idle cores; gpu: larger models, one CUDA GPU")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: under an hour on 2 shared cores; gpu: larger models, one CUDA GPU")
     parser.add_argument("--workers", type=int, help="units run in parallel processes; 1 = in this process (default: 2, --quick: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per unit")
+    parser.add_argument("--until", choices=PHASES[:-1], help="stop after this phase; a later run continues from its complete units")
     parser.add_argument("--readme", type=Path, help="also copy the result table into this README (between its lab markers)")
     args = parser.parse_args(argv)
     from mgsr_cli.console import setup_logging
 
     setup_logging()
     workers = args.workers or (1 if args.quick else 2)
-    report = run_lab(args.out, QUICK if args.quick else SCALES[args.scale], workers, args.threads)
+    report = run_lab(args.out, QUICK if args.quick else SCALES[args.scale], workers, args.threads, args.until)
+    if report is None:
+        print(f"stopped after the {args.until} phase; run again without --until to continue")
+        return
     if args.readme:
         from experiments.lab_report import copy_table_into
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.lab_fidelity import METRICS, Fidelity, example_ids, is_gradient_log, logged, records_by_key, rouge_scores, scrg_check
+from experiments.lab_fidelity import METRICS, Fidelity, example_ids, logged, records_by_key, rouge_scores, scrg_check
 from experiments.lab_stats import MDE_FACTOR, REPLICATES, compare, difference, resolved, teacher_gap
 from mgsr_cli.artifacts import atomic_write_json
 
@@ -68,6 +68,7 @@ def collect_evidence(scale, runs: Path, configs: dict) -> dict:
         "scrg": _cached(runs / "fidelity" / "scrg.json", lambda: scrg_check(fidelity, _model_dir(runs, "student-init"), configs[mgsr], seed=0)) if mgsr else None,
         "scrg_recipe": mgsr,
         "logged_terms": terms,
+        "term_shares": term_shares(terms, {label: [t.name for t in _terms(configs[recipe].loss)] for recipe in methods for label in labels[recipe]}),
         "tuning": tuning_budget(scale),
     }
 
@@ -87,6 +88,47 @@ def _terms(loss: str):
     from mgsr_cli.losses import parse_spec
 
     return parse_spec(loss)
+
+
+def share_term(key: str, names: list[str]) -> str | None:
+    """The loss term a logged gradient-share key is about ('grad_share/span' -> 'span'), else None."""
+    if "share" not in key or key == "sgo_share":
+        return None
+    rest = key
+    for word in ("grad_norm_share", "grad_share", "gradient_share", "share", "grad"):
+        rest = rest.replace(word, "")
+    rest = rest.strip("/_:.")
+    return rest if rest in names else None
+
+
+def term_shares(logged_terms: dict, names: dict[str, list[str]]) -> dict:
+    """Per run with several loss terms: each term's logged magnitude and its share of the gradient
+    norm (None where distill logged no share), as training means with first and last values."""
+    table = {}
+    for label, terms in logged_terms.items():
+        if len(names[label]) < 2:
+            continue
+        shares = {share_term(key, names[label]): value for key, value in terms.items() if share_term(key, names[label])}
+        table[label] = {name: {"magnitude": terms.get(name), "grad_share": shares.get(name)} for name in names[label]}
+    return table
+
+
+def term_share_markdown(shares: dict) -> list[str]:
+    if not shares:
+        return []
+    logged = any(entry["grad_share"] for terms in shares.values() for entry in terms.values())
+    lines = [
+        "### Each loss term: logged magnitude and share of the gradient norm (multi-term objectives)",
+        "",
+        "| run | term | magnitude: mean (first → last) | gradient share: mean (first → last) |",
+        "|---|---|---:|---:|",
+    ]
+    for label, terms in shares.items():
+        for name, entry in terms.items():
+            cells = [f"{v['mean']:.3g} ({v['first']:.3g} → {v['last']:.3g})" if v else "—" for v in (entry["magnitude"], entry["grad_share"])]
+            lines.append(f"| `{label}` | `{name}` | {cells[0]} | {cells[1]} |")
+    lines += ["", "Gradient shares as logged by distill (each term's gradient norm over the total's)." if logged else "Gradient shares: **not logged by distill in this run**, so not reported.", ""]
+    return lines
 
 
 def _ci(entry: dict, digits: int = 3) -> str:
@@ -171,8 +213,7 @@ def mechanism_markdown(evidence: dict) -> list[str]:
     lines += ["", "### Every logged term over training (mean, and [first → last])", "", "| run | term | mean | first → last |", "|---|---|---:|---|"]
     for label, terms in evidence["logged_terms"].items():
         lines += [f"| `{label}` | `{name}` | {v['mean']:.4g} | {v['first']:.4g} → {v['last']:.4g} |" for name, v in terms.items()]
-    shares = any(name != "grad_norm" and is_gradient_log(name) for terms in evidence["logged_terms"].values() for name in terms)
-    lines += ["", "Gradient-norm shares: " + ("in the table above (logged by distill)." if shares else "**not logged by distill in this run**, so not reported."), ""]
+    lines += ["", *term_share_markdown(evidence["term_shares"])]
     tuning = evidence["tuning"]
     lines += [
         "## Tuning budget",

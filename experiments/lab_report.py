@@ -109,7 +109,7 @@ def collect(scale, runs: Path, timings) -> dict:
         "rows": rows,
         "evidence": collect_evidence(scale, runs, configs),
         "runs": run_details,
-        "timings": {"phases": timings.phases, "units": timings.units, "invocations": timings.invocations},
+        "timings": {"phases": timings.phases, "units": timings.units, "invocations": timings.invocations, "commits": timings.commits},
     }
 
 
@@ -303,7 +303,8 @@ def markdown(data: dict) -> str:
         *[f"| {name} | {seconds / 60:.1f} min |" for name, seconds in phases.items()],
         f"| total | {sum(phases.values()) / 60:.1f} min |",
         "",
-        f"Summed over {data['timings']['invocations']} invocation(s) of the script; units ran {data['parallelism']}.",
+        f"Summed over {data['timings']['invocations']} invocation(s) of the script (code: {', '.join(f'`{c}`' for c in data['timings']['commits']) or 'not recorded'}; "
+        f"'+dirty': with uncommitted changes); units ran {data['parallelism']}.",
         "",
     ]
     return "\n".join(lines)

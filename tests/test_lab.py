@@ -29,6 +29,9 @@ def table_rows(markdown: str) -> list[str]:
 
 
 def test_quick_lab_writes_the_table_chart_and_json_and_resumes(tmp_path):
+    assert run_lab(tmp_path, QUICK, workers=1, until="sft") is None  # the teacher SFT can run ahead
+    assert (tmp_path / "runs" / "teacher-sft" / "student").is_dir() and not (tmp_path / "runs" / "distill").exists()
+    assert not (tmp_path / "lab.md").exists()
     report = run_lab(tmp_path, QUICK, workers=1)
 
     rows = table_rows(report.read_text(encoding="utf-8"))
@@ -60,14 +63,28 @@ def test_quick_lab_writes_the_table_chart_and_json_and_resumes(tmp_path):
         assert evidence["comparisons"][metric]["scores"]["student-init"]["estimate"] > 0
     assert 0 <= evidence["scrg"]["changed"] <= 1 and evidence["scrg"]["sequences"] > 0
     assert "dac_band_mass" in evidence["logged_terms"]["mgsr-s1"] and "span" in evidence["logged_terms"]["mgsr-s1"]
+    shares = evidence["term_shares"]["mgsr-s1"]
+    assert list(shares) == ["sft", "dac_kl", "span"] and all(entry["magnitude"]["mean"] >= 0 for entry in shares.values())
+    assert "kd-s1" not in evidence["term_shares"]  # one term: its share of the gradient is 1
     markdown = report.read_text(encoding="utf-8")
-    for heading in ("## Paired comparison", "### Difference to the best baseline", "Minimum detectable effect", "## Mechanism checks", "## Tuning budget"):
+    for heading in ("## Paired comparison", "### Difference to the best baseline", "Minimum detectable effect", "## Mechanism checks", "### Each loss term", "## Tuning budget"):
         assert heading in markdown
 
     units = dict(data["timings"]["units"])
     run_lab(tmp_path, QUICK, workers=1)
     again = json.loads((tmp_path / "lab.json").read_text())
-    assert again["timings"]["units"] == units and again["timings"]["invocations"] == 2
+    assert again["timings"]["units"] == units and again["timings"]["invocations"] == 3 and len(again["timings"]["commits"]) == 3
+
+
+def test_term_shares_match_logged_gradient_shares_to_their_terms():
+    from experiments.lab_evidence import share_term, term_shares
+
+    names = ["sft", "dac_kl", "span"]
+    assert [share_term(key, names) for key in ("grad_share/span", "grad_share_dac_kl", "sft_grad_share", "sgo_share", "grad_norm", "span")] == ["span", "dac_kl", "sft", None, None, None]
+    stats = {"first": 0.5, "mean": 0.4, "min": 0.3, "max": 0.5, "last": 0.3}
+    logged = {"mgsr-s1": {"sft": stats, "span": stats, "grad_share/span": stats, "grad_norm": stats}, "kd-s1": {"fkl": stats}}
+    table = term_shares(logged, {"mgsr-s1": names, "kd-s1": ["fkl"]})
+    assert table == {"mgsr-s1": {"sft": {"magnitude": stats, "grad_share": None}, "dac_kl": {"magnitude": None, "grad_share": None}, "span": {"magnitude": stats, "grad_share": stats}}}
 
 
 def test_copy_table_into_replaces_only_the_marked_table(tmp_path):
@@ -88,3 +105,17 @@ def test_readme_shows_the_table_of_the_committed_lab_report():
         pytest.skip("no committed lab report")
     readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
     assert "\n".join(table_rows(lab.read_text(encoding="utf-8"))) in readme
+
+
+def test_a_runs_directory_pins_the_sft_knobs_and_after_distillation_every_knob(tmp_path):
+    import dataclasses
+
+    from experiments.lab import check_scale
+
+    check_scale(tmp_path, QUICK)
+    check_scale(tmp_path, dataclasses.replace(QUICK, distill_steps=3, eval_examples=5))  # only SFT has run: later knobs may change
+    with pytest.raises(SystemExit, match="teacher_sft_steps"):
+        check_scale(tmp_path, dataclasses.replace(QUICK, teacher_sft_steps=3))
+    (tmp_path / "distill").mkdir()
+    with pytest.raises(SystemExit, match="distill_steps"):
+        check_scale(tmp_path, QUICK)
