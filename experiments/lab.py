@@ -95,9 +95,9 @@ class LabScale:
 # steps scores 2.8-2.9 alike), so the teacher-init gap comes from training the teacher further
 # (700 steps at lr 2e-3, previously 500 at 1e-3 left it only 0.58 ahead, 1.7x a method's CI
 # half-width). Sampling noise is about two thirds of a ROUGE-L score's per-example variance, so
-# at the cost of 50 examples x 2 evaluation seeds, 120 examples x 1 seed narrow the CI more
-# (Vicuna has 80). One training seed: a second doubles distillation and evaluation, which the
-# shared cores cannot fit in the hour.
+# at the cost of 50 examples x 2 evaluation seeds, 100 examples x 1 seed narrow the CI more. One
+# training seed: a second doubles distillation and evaluation, which the shared cores (load ~10,
+# a distill step ~3.7x slower than idle) cannot fit in the hour.
 FULL = LabScale(
     name="cpu",
     vocab_size=4096,
@@ -118,7 +118,7 @@ FULL = LabScale(
     response_tokens=48,
     theta_init=0.5,
     train_seeds=(1,),
-    eval_examples=120,
+    eval_examples=100,
     eval_seeds=(10,),
 )
 
@@ -381,26 +381,32 @@ def evaluate_unit(label: str, model: Path, runs: Path, scale: LabScale) -> Unit:
     return Unit(f"eval-{label}", "evaluate", config, runs / "evaluate" / label)
 
 
-# The knobs that shape the tokenizer, the models and their SFT: the only ones a runs directory
-# holding nothing past the SFT phase (a `--until sft` run) pins; the others may still change.
+# The knobs that shape the tokenizer, the models and their SFT, and those only evaluation reads. A
+# knob is pinned once a phase that reads it has units in the runs directory; the others may change
+# (a `--until` run leaves the later phases' knobs open).
 SFT_KNOBS = frozenset(
     {"vocab_size", "tokenizer_examples", "teacher", "student", "n_positions", "sft_examples", "teacher_sft_steps", "student_sft_steps",
      "sft_lr", "batch_size", "max_length", "max_prompt_length", "dev_examples", "device"}
 )
+EVALUATION_KNOBS = frozenset({"eval_examples", "eval_seeds"})
 
 
 def check_scale(runs: Path, scale: LabScale) -> None:
     """A runs directory holds one scale only: mixing the quick and full studies would be silent nonsense.
 
-    Past the SFT phase every knob is pinned; before it, only `SFT_KNOBS`."""
+    Knobs pinned: `SFT_KNOBS` always, every other knob but `EVALUATION_KNOBS` once a distill
+    unit exists, all of them once an evaluation exists."""
     path = runs / "lab_scale.json"
     current = json.loads(json.dumps(dataclasses.asdict(scale)))
     if path.exists():
         previous = json.loads(path.read_text())
         changed = {key for key in current.keys() | previous.keys() if previous.get(key) != current.get(key)}
-        past_sft = (runs / "distill").exists() or (runs / "evaluate").exists()
-        if changed and (past_sft or changed & SFT_KNOBS):
-            raise SystemExit(f"error: {runs} holds runs of a different lab scale ({', '.join(sorted(changed))}); choose another --out or delete {runs}")
+        if (runs / "evaluate").exists():
+            pinned = changed
+        else:
+            pinned = changed - EVALUATION_KNOBS if (runs / "distill").exists() else changed & SFT_KNOBS
+        if pinned:
+            raise SystemExit(f"error: {runs} holds runs of a different lab scale ({', '.join(sorted(pinned))}); choose another --out or delete {runs}")
     runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=2))
 

@@ -127,7 +127,7 @@ def term_share_markdown(shares: dict) -> list[str]:
         for name, entry in terms.items():
             cells = [f"{v['mean']:.3g} ({v['first']:.3g} → {v['last']:.3g})" if v else "—" for v in (entry["magnitude"], entry["grad_share"])]
             lines.append(f"| `{label}` | `{name}` | {cells[0]} | {cells[1]} |")
-    lines += ["", "Gradient shares as logged by distill (each term's gradient norm over the total's)." if logged else "Gradient shares: **not logged by distill in this run**, so not reported.", ""]
+    lines += ["", "Gradient share as distill logs it (`grad_share/<term>`): the norm of the term's weighted gradient with respect to the student logits over the sum of the terms' norms." if logged else "Gradient shares: **not logged by distill in this run**, so not reported.", ""]
     return lines
 
 

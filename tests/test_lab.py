@@ -107,7 +107,7 @@ def test_readme_shows_the_table_of_the_committed_lab_report():
     assert "\n".join(table_rows(lab.read_text(encoding="utf-8"))) in readme
 
 
-def test_a_runs_directory_pins_the_sft_knobs_and_after_distillation_every_knob(tmp_path):
+def test_a_runs_directory_pins_each_phase_s_knobs_once_it_has_run(tmp_path):
     import dataclasses
 
     from experiments.lab import check_scale
@@ -117,5 +117,9 @@ def test_a_runs_directory_pins_the_sft_knobs_and_after_distillation_every_knob(t
     with pytest.raises(SystemExit, match="teacher_sft_steps"):
         check_scale(tmp_path, dataclasses.replace(QUICK, teacher_sft_steps=3))
     (tmp_path / "distill").mkdir()
+    check_scale(tmp_path, dataclasses.replace(QUICK, distill_steps=3))  # evaluation knobs still open
     with pytest.raises(SystemExit, match="distill_steps"):
         check_scale(tmp_path, QUICK)
+    (tmp_path / "evaluate").mkdir()
+    with pytest.raises(SystemExit, match="eval_examples"):
+        check_scale(tmp_path, dataclasses.replace(QUICK, distill_steps=3, eval_examples=3))
