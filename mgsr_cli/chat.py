@@ -98,7 +98,7 @@ def recorded_renderings(specs: list[str | None]) -> dict[str, Rendering]:
 def resolve(mode: str, tokenizer, examples, recorded: dict[str, Rendering], model: str) -> Rendering:
     """The one rendering of a stage run (module docstring), or a one-line UsageError."""
     digest = template_sha256(tokenizer)
-    chat_row = next((example for example in examples if example.prompt is None), None)
+    chat_row = next((example for example in examples if example.is_chat), None)
     if recorded:
         rendering = _recorded(mode, recorded, digest, model)
     elif mode == "off" or (mode == "auto" and chat_row is None):

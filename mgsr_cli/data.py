@@ -57,6 +57,11 @@ class Example:
     messages: tuple[dict, ...] | None = None
     where: str = ""
 
+    @property
+    def is_chat(self) -> bool:
+        """A `messages` row: only the chat template renders it."""
+        return self.prompt is None
+
 
 @dataclass(frozen=True)
 class PromptTokens:
@@ -91,8 +96,8 @@ def load_examples(spec: str, config: DataConfig, limit: int | None = None) -> li
         if limit is not None and index >= limit:
             break
         examples.append(_row_to_example(row, index, where, config))
-        if (examples[-1].prompt is None) != (examples[0].prompt is None):
-            kinds = ["a 'messages' row" if example.prompt is None else "an instruction/prompt row" for example in (examples[-1], examples[0])]
+        if examples[-1].is_chat != examples[0].is_chat:
+            kinds = ["a 'messages' row" if example.is_chat else "an instruction/prompt row" for example in (examples[-1], examples[0])]
             raise UsageError(
                 f"{examples[-1].where}: {kinds[0]}, but the data set's first row ({examples[0].where}) is {kinds[1]}; "
                 "one data set holds one kind of row (convert or split it)"

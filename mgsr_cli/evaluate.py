@@ -21,7 +21,7 @@ from mgsr_cli.data import SHIPPED, load_examples, resolve_source, tokenize_promp
 from mgsr_cli.errors import UsageError
 from mgsr_cli.generate import Job, sample_records
 from mgsr_cli.metrics import mean_and_std, rouge_l_max
-from mgsr_cli.models import load_model_and_tokenizer
+from mgsr_cli.models import load_model_as, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,14 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
     for label, rows in examples.items():
         missing = next((example for example in rows if not example.references), None)
         if missing is not None:
-            what = "no final assistant turn" if missing.prompt is None else "no reference output"
+            what = "no final assistant turn" if missing.is_chat else "no reference output"
             raise UsageError(f"{missing.where or label}: example '{missing.id}' has {what}; ROUGE-L needs references")
-    renderings = _renderings(models, examples, list(data_sets.values()), config)
+    tokenizers = {label: load_tokenizer(name, config.loading.trust_remote_code) for label, name in models.items()}
+    recorded = recorded_renderings(list(data_sets.values()))
+    rows = [example for group in examples.values() for example in group]
+    renderings = {  # each model's prompts by its own tokenizer, settled before any model loads
+        label: resolve(config.data_format.chat_template, tokenizers[label], rows, recorded, models[label]) for label in models
+    }
     writer = StageWriter.open(
         out_dir,
         stage="evaluate",
@@ -64,7 +69,7 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
     done = writer.done_ids()
     expected: dict[tuple[str, str], int] = {}
     for model_label, model_name in models.items():
-        model, tokenizer = load_model_and_tokenizer(model_name, config.loading)
+        model, tokenizer = load_model_as(model_name, config.loading), tokenizers[model_label]
         for data_label, rows in examples.items():
             prompts = tokenize_prompts(rows, tokenizer, config.data_format.max_prompt_length, renderings[model_label])
             jobs = [Job(prompt, 0) for prompt in prompts]
@@ -83,18 +88,6 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, overwrite: bool = False)
     console.print(report_table(report))
     writer.complete()
     return out_dir
-
-
-def _renderings(models: dict[str, str], examples: dict[str, list], specs: list[str], config: EvaluateConfig) -> dict:
-    """{model label: how its prompts are rendered}, each from its own tokenizer, before any model loads."""
-    from mgsr_cli.models import load_tokenizer
-
-    rows = [example for group in examples.values() for example in group]
-    recorded = recorded_renderings(specs)
-    return {
-        label: resolve(config.data_format.chat_template, load_tokenizer(name, config.loading.trust_remote_code), rows, recorded, name)
-        for label, name in models.items()
-    }
 
 
 def _scored(record: dict, model_label: str, data_label: str, seed: int) -> dict:

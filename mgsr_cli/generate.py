@@ -13,7 +13,7 @@ from mgsr_cli.chat import recorded_renderings, resolve
 from mgsr_cli.config import GenerateConfig, SamplingConfig, to_dict
 from mgsr_cli.console import progress_bar
 from mgsr_cli.data import PromptTokens, load_examples, resolve_source, tokenize_prompts
-from mgsr_cli.models import load_model_and_tokenizer, tokenizer_fingerprint
+from mgsr_cli.models import load_model_as, load_tokenizer, tokenizer_fingerprint
 from mgsr_cli.sampling import TokenSpace, batch_seed, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,10 @@ def _record(record_id: str, job: Job, response_ids: list[int], ended_with_eos: b
 def run_generate(config: GenerateConfig, out_dir: Path, overwrite: bool = False) -> Path:
     """Write `out_dir` with one record per (prompt, sample); resumes an unfinished run."""
     examples = load_examples(config.data, config.data_format, config.limit)
-    model, tokenizer = load_model_and_tokenizer(config.model, config.loading)
+    tokenizer = load_tokenizer(config.model, config.loading.trust_remote_code)
     rendering = resolve(config.data_format.chat_template, tokenizer, examples, recorded_renderings([config.data]), config.model)
     prompts = tokenize_prompts(examples, tokenizer, config.data_format.max_prompt_length, rendering)
+    model = load_model_as(config.model, config.loading)
     writer = StageWriter.open(
         out_dir,
         stage="generate",

@@ -193,13 +193,16 @@ def build_tiny_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     return teacher, student
 
 
+def load_model_as(name: str, loading: ModelLoading):
+    """Model in eval mode on the device and in the dtype `loading` resolves to."""
+    device = resolve_device(loading.device)
+    return load_model(name, resolve_dtype(loading.dtype, device), device, loading.trust_remote_code)
+
+
 def load_model_and_tokenizer(name: str, loading: ModelLoading):
     """Model in eval mode on the resolved device, with its left-padding tokenizer."""
-    device = resolve_device(loading.device)
-    dtype = resolve_dtype(loading.dtype, device)
     tokenizer = load_tokenizer(name, loading.trust_remote_code)
-    model = load_model(name, dtype, device, loading.trust_remote_code)
-    return model, tokenizer
+    return load_model_as(name, loading), tokenizer
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -352,7 +352,7 @@ class Distillation:
         """One rendering for training, validation and SGO prompts (chat.py); the static SGO must share it.
         Prompts are rendered with the student's tokenizer; the teacher reads the same ids."""
         config = self.config
-        chat_row = next((example for example in examples if example.prompt is None and not example.references), None)
+        chat_row = next((example for example in examples if example.is_chat and not example.references), None)
         if chat_row is not None:
             raise UsageError(f"{chat_row.where}: a 'messages' training row needs a final assistant turn (the response to train on)")
         inputs = [config.data, config.dev_data, config.sgo_data if self.policy.kind == "static" else None]
@@ -368,8 +368,12 @@ class Distillation:
         path = Path(self.config.sgo_data)
         read_manifest(path, ("generate", "correct"), tokenizer_fingerprint(self.tokenizer))
         pool: dict[str, list[Sequence]] = {}
+        ground_truth = {sequence.example_id: sequence for sequence in self.train_sequences}
         for record in iter_records(path / "records.jsonl"):
-            sequence = make_sequence(record["example_id"], record["prompt_ids"], record["response_ids"] or [self.tokenizer.eos_token_id], self.tokenizer, spans)
+            same_prompt = ground_truth.get(record["example_id"])
+            trained = same_prompt.prompt_targets if same_prompt and same_prompt.prompt_ids == record["prompt_ids"] else ()  # chat_turns all
+            response = record["response_ids"] or [self.tokenizer.eos_token_id]
+            sequence = make_sequence(record["example_id"], record["prompt_ids"], response, self.tokenizer, spans, trained)
             pool.setdefault(record["example_id"], []).append(sequence)
         covered = sum(1 for sequence in self.train_sequences if sequence.example_id in pool)
         if covered == 0:

@@ -3,6 +3,7 @@ every stage, recorded in the manifests, and refused in one line when malformed o
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -109,6 +110,25 @@ def test_final_turn_is_the_response_and_all_turns_train_earlier_replies(chat_tok
         assert int(batch.targets[rows.index((1, position - 1))]) == sequence.prompt_ids[position]
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_templates_without_eos_and_templates_that_are_not_prefix_stable(gpt2_tokenizer, chats):
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = CHATML  # the turn ends in <|im_end|>, not the tokenizer's EOS: EOS follows the rendered turn
+    examples = load_examples(str(chats), DataConfig())
+    rendering = resolve("auto", tokenizer, examples, {}, "m")
+    sequences = ground_truth_sequences(examples, tokenizer, 256, 512, None, rendering, "all")
+    assert tokenizer.decode(sequences[0].response_ids) == "Blue.<|im_end|>\n<|endoftext|>"
+    assert tokenizer.decode([sequences[1].prompt_ids[p] for p in sequences[1].prompt_targets]) == "Hello, how can I help?<|im_end|>\n"
+    tokenizer.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] if loop.last else '...' }}")
+    with pytest.raises(UsageError, match=r"chats.jsonl:1: the chat template does not render the answered conversation as the prompt"):
+        ground_truth_sequences(examples, tokenizer, 256, 512, None, resolve("on", tokenizer, examples, {}, "m"))
+
+
 def test_auto_on_off_resolution(chat_tokenizer, gpt2_tokenizer, chats, small_data):
     instructions, conversations = load_examples(str(small_data), DataConfig()), load_examples(str(chats), DataConfig())
     digest = template_sha256(chat_tokenizer)
@@ -158,7 +178,7 @@ def test_chat_flags_are_choices_and_recipe_keys():
         override(DistillConfig(), {"chat_turns": "all", "data_format": {"chat_template": "off"}})
 
 
-def test_stages_render_alike_record_it_and_refuse_a_mismatch(chat_pair, chat_tokenizer, chats, tmp_path):
+def test_stages_render_alike_record_it_and_refuse_a_mismatch(tiny_pair, chat_pair, chat_tokenizer, chats, tmp_path):
     teacher, student = chat_pair
     generated = tmp_path / "gen"
     result = invoke("generate", "--model", student, "--data", chats, "--max-new-tokens", "3", "--out", generated)
@@ -168,6 +188,11 @@ def test_stages_render_alike_record_it_and_refuse_a_mismatch(chat_pair, chat_tok
     assert manifest["prompts"] == described
     expected = {row["id"]: chat_ids(chat_tokenizer, row["messages"][:-1]) for row in CHATS}
     assert {record["example_id"]: record["prompt_ids"] for record in records} == expected
+    rendering = Rendering(True, described["template_sha256"])  # distill's ground truth, whose prompts SGO samples from
+    trained = ground_truth_sequences(load_examples(str(chats), DataConfig()), chat_tokenizer, 128, 160, None, rendering)
+    assert {sequence.example_id: sequence.prompt_ids for sequence in trained} == expected
+    one_line_error(invoke("generate", "--model", tiny_pair[1], "--data", chats, "--chat-template", "on", "--out", tmp_path / "v"),
+                   "--chat-template on needs a chat template", "has none")
 
     corrected = tmp_path / "cor"
     result = invoke("correct", "--input", generated, "--teacher", teacher, "--student", student, "--out", corrected)
@@ -195,7 +220,7 @@ def test_stages_render_alike_record_it_and_refuse_a_mismatch(chat_pair, chat_tok
     one_line_error(invoke("generate", "--model", student, "--data", generated, "--chat-template", "off", "--out", tmp_path / "x"),
                    "--chat-template off contradicts", "gen")
     one_line_error(invoke("distill", "--teacher", teacher, "--student", student, "--data", chats, "--sgo-policy", "static",
-                          "--sgo-data", corrected, "--chat-template", "off", "--out", tmp_path / "y"), "--chat-template off")
+                          "--sgo-data", corrected, "--chat-template", "off", "--loss", "sft=1,fkl=1", "--out", tmp_path / "y"), "--chat-template off")
     with pytest.raises(UsageError, match=r"chats.jsonl:1: .* 'plain' was rendered without a chat template"):
         resolve("auto", chat_tokenizer, load_examples(str(chats), DataConfig()), {"plain": PAPERS}, "m")
     other = tmp_path / "other"
