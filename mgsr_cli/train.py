@@ -359,6 +359,11 @@ class Distillation:
         self.rendering = resolve(
             config.data_format.chat_template, self.tokenizer, examples + self.dev_examples, recorded_renderings(inputs), config.student
         )
+        if config.chat_turns == "all" and not self.rendering.chat_template:
+            raise UsageError(
+                "--chat-turns all trains assistant turns, but these prompts use the papers' template "
+                "(instruction rows under --chat-template auto); pass --chat-template on"
+            )
         if self.rendering.chat_template and self.teacher_template != self.rendering.template_sha256:
             log.warning("the teacher's chat template differs from the student's; prompts are rendered with the student's")
 

@@ -223,6 +223,8 @@ def test_stages_render_alike_record_it_and_refuse_a_mismatch(tiny_pair, chat_pai
                           "--sgo-data", corrected, "--chat-template", "off", "--loss", "sft=1,fkl=1", "--out", tmp_path / "y"), "--chat-template off")
     with pytest.raises(UsageError, match=r"chats.jsonl:1: .* 'plain' was rendered without a chat template"):
         resolve("auto", chat_tokenizer, load_examples(str(chats), DataConfig()), {"plain": PAPERS}, "m")
+    one_line_error(invoke("distill", "--teacher", teacher, "--student", student, "--data", "dolly", "--chat-turns", "all",
+                          "--loss", "sft=1", "--out", tmp_path / "u"), "--chat-turns all", "pass --chat-template on")
     other = tmp_path / "other"
     shutil.copytree(student, other)
     tokenizer = load_tokenizer(str(other))
