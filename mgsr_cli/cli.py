@@ -7,6 +7,8 @@ tables go to stderr. Bad input ends in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -14,19 +16,23 @@ import typer
 from typer.core import TyperGroup
 
 from mgsr_cli import __version__
-from mgsr_cli.errors import UsageError, error_line, is_parse_error
+from mgsr_cli.errors import Interrupted, UsageError, error_line, is_parse_error, raise_interrupted
 from mgsr_cli.flags import distill_command
 
 
 class _OneLineErrors(TyperGroup):
-    """Bad input becomes `error: ...` on stderr and exit code 2, never a traceback."""
+    """Bad input becomes `error: ...` on stderr and exit code 2, never a traceback; Ctrl-C and
+    SIGTERM stop the stage resumably, in one line too (exit 130 / 143)."""
 
     def invoke(self, ctx):
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, raise_interrupted) if main_thread else None
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as error:
+            stop = error if isinstance(error, Interrupted) else Interrupted()
+            typer.echo(f"error: {stop}", err=True)
+            raise typer.Exit(128 + stop.signum) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # every failure ends in one line; --verbose keeps the traceback
@@ -38,6 +44,8 @@ class _OneLineErrors(TyperGroup):
             from mgsr_cli.artifacts import release_locks
 
             release_locks()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 app = typer.Typer(

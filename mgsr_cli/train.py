@@ -36,7 +36,7 @@ from mgsr_cli.config import DistillConfig, to_dict
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.data import load_examples, resolve_source
 from mgsr_cli.distributed import Layout, check_resumable, check_supported, make_accelerator, share_output_layer, student_state_dict
-from mgsr_cli.errors import UsageError
+from mgsr_cli.errors import Interrupted, UsageError
 from mgsr_cli.heads import HeadLossInputs, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
@@ -285,7 +285,7 @@ class Distillation:
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.accelerator.register_for_checkpointing(self.state)
         self.writer = self._open_output(resume, overwrite)
-        self.stop_requested = False
+        self.stop_requested = 0  # the signal that asked for a stop
 
     def _mixed_precision(self, cpu: bool) -> str:
         """`--dtype` as Accelerate's autocast over fp32 master weights: bf16 and fp16 on CUDA, bf16 on
@@ -387,6 +387,16 @@ class Distillation:
             log.warning("sgo_data covers %d of %d training examples; the rest train on ground truth", covered, len(self.train_sequences))
         return pool
 
+    def _inputs(self) -> dict[str, dict]:
+        """Every data input the run reads, for the manifest and for keeping --out apart from them."""
+        config = self.config
+        inputs = {"data": describe_input(config.data, resolve_source(config.data))}
+        if config.dev_data:
+            inputs["dev_data"] = describe_input(config.dev_data, resolve_source(config.dev_data))
+        if self.policy.kind == "static" and config.sgo_data:
+            inputs["sgo_data"] = describe_input(config.sgo_data, Path(config.sgo_data))
+        return inputs
+
     def _open_output(self, resume: bool, overwrite: bool) -> StageWriter | None:
         config, out_dir = self.config, self.out_dir
         checkpoint = latest_checkpoint(out_dir)
@@ -403,7 +413,7 @@ class Distillation:
                 out_dir,
                 stage="distill",
                 config=to_dict(config),
-                inputs={"data": describe_input(config.data, resolve_source(config.data))},
+                inputs=self._inputs(),
                 models={"teacher": config.teacher, "student": config.student},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 overwrite=overwrite,
@@ -691,7 +701,7 @@ class Distillation:
 
     def train(self) -> Path:
         config = self.config
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        previous_handlers = {signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             with progress_bar() as progress:
                 task = progress.add_task("distill", total=self.total_steps, completed=self.state.step, info="", visible=self.accelerator.is_main_process)
@@ -699,8 +709,7 @@ class Distillation:
                 while self.state.step < self.total_steps:
                     if self.stop_requested:
                         path = save_checkpoint(self.accelerator, self.out_dir, self.state.step, config.keep_checkpoints)
-                        log.warning("interrupted at step %d; checkpoint saved in %s; continue with --resume", self.state.step, path)
-                        raise KeyboardInterrupt
+                        raise Interrupted(self.stop_requested, f"checkpoint of step {self.state.step} saved in {path}; continue with --resume")
                     metrics = self.train_step(self.state.step)
                     self.state.step += 1
                     window_tokens += metrics["tokens"]
@@ -719,14 +728,15 @@ class Distillation:
                 self.log(self.validate())
             self.finish({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         return self.out_dir
 
     def _request_stop(self, signum, frame) -> None:
-        """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
+        """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one stops at once."""
         if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = True
+            raise Interrupted(signum, "the last checkpoint is kept; continue with --resume")
+        self.stop_requested = signum
 
 
 def _progress_text(metrics: dict) -> str:

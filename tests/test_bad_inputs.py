@@ -46,6 +46,10 @@ class Workspace:
         edit(target)
         return target
 
+    def dev_dir(self) -> Path:
+        """A data directory (one JSONL file) to use as --dev-data."""
+        return self.file("devset/dev.jsonl", json.dumps(GOOD_ROW) + "\n").parent
+
     def broken_model(self, name: str, weights: bytes) -> Path:
         target = self.root / name
         shutil.copytree(self.student, target)
@@ -289,6 +293,9 @@ CASES = [
     ("dis-data-missing", distill(data=lambda w: w.root / "absent.jsonl"), "absent.jsonl"),
     ("dis-student-corrupted-weights", distill(student=lambda w: w.broken_model("dis-garbled", b"\x01" * 128)), "dis-garbled"),
     ("dis-out-is-the-student", lambda w, out: distill()(w, w.student), "is the input"),
+    ("dis-out-inside-the-dev-data", lambda w, out: distill("--dev-data", w.dev_dir())(w, w.dev_dir() / "run"), "lies inside the input"),
+    ("dis-out-inside-the-sgo-data", lambda w, out: distill("--sgo-policy", "static", "--sgo-data", w.generated)(w, w.generated / "run"),
+     "lies inside the input"),
     ("dis-recipe-unknown", lambda w, out: distill("--recipe", "nope")(w, out), "unknown recipe 'nope'"),
     ("dis-recipe-directory", distill_recipe(None), "is a directory"),
     ("dis-recipe-binary", distill_recipe(b"\x00\xff\xfe\x81", name="binary.yaml"), "not UTF-8"),

@@ -5,6 +5,8 @@ then finished in-process and compared with an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import resource
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -198,3 +201,140 @@ def test_a_full_disk_while_appending_records_and_saving_a_checkpoint(tiny_pair, 
     last = full.stderr.splitlines()[-1]
     assert last.startswith("error: ") and "checkpoint" in last, last
     assert json.loads((run / "manifest.json").read_text())["status"] == "running" and not (run / "student").exists()
+
+
+# ---------------------------------------------------------------- SIGINT and SIGTERM, in process
+# The signal is real (os.kill on this process, right after a record or metrics line is written);
+# only the process is shared with pytest, which a stray SIGTERM would otherwise end.
+
+
+@pytest.fixture
+def signals_caught_by_mgsr():
+    def stray(signum, frame):
+        raise AssertionError("a SIGTERM reached the test runner: mgsr did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, stray)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(monkeypatch, signum: int, *args):
+    """Run the CLI in-process; the first record append (a metrics line for distill) is followed by `signum`."""
+    from mgsr_cli.artifacts import StageWriter
+
+    original = StageWriter.append
+    sent = []
+
+    def append_then_signal(self, records):
+        original(self, records)
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageWriter, "append", append_then_signal)
+        result = invoke(*args)
+    assert sent, "the run ended before its first record"
+    assert result.exit_code == 128 + signum, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: stopped by {signal.Signals(signum).name}"), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return lines[-1]
+
+
+def test_sigint_then_sigterm_during_generate_correct_and_evaluate_resume_to_the_same_records(
+        tiny_pair, tmp_path, monkeypatch, signals_caught_by_mgsr):
+    generated = tmp_path / "gen"
+    generate = generate_args(tiny_pair, generated)
+    generate[generate.index("--limit") + 1] = "6"
+    assert invoke(*generate).exit_code == 0
+    correct = ["correct", "--input", generated, "--teacher", tiny_pair[0], "--student", tiny_pair[1], "--batch-size", "2", "--out"]
+    evaluate = ["evaluate", "--model", tiny_pair[1], "--data", "vicuna", "--limit", "3", "--batch-size", "1", "--seeds", "10,20",
+                "--max-new-tokens", "2", "--out"]
+    for args, count in ((generate[:-1], 6), (correct, 6), (evaluate, 6)):
+        straight, out = tmp_path / f"{args[0]}-straight", tmp_path / f"{args[0]}-stopped"
+        assert invoke(*args, straight).exit_code == 0
+        interrupted(monkeypatch, signal.SIGINT, *args, out)
+        assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+        assert 0 < len(records(out)) < count
+        interrupted(monkeypatch, signal.SIGTERM, *args, out)  # the re-run resumes, and is stopped in turn
+        assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+        resumed = invoke(*args, out)
+        assert resumed.exit_code == 0, resumed.output
+        assert_same_as_straight(out, straight, count)
+
+
+def test_sigint_then_sigterm_during_distill_checkpoint_and_resume_bit_exact(tiny_pair, tmp_path, monkeypatch, signals_caught_by_mgsr):
+    extra = ["--recipe", "kd", "--max-steps", "4", "--save-every", "0", "--eval-every", "0", "--dev-data", ""]
+    straight = tmp_path / "straight"
+    assert invoke(*distill_args(tiny_pair, straight, *extra)).exit_code == 0
+    out = tmp_path / "stopped"
+    last = interrupted(monkeypatch, signal.SIGINT, *distill_args(tiny_pair, out, *extra))  # after step 1's metrics
+    assert "step 1" in last and "--resume" in last
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001" and _steps(out) == [1]
+    interrupted(monkeypatch, signal.SIGTERM, *distill_args(tiny_pair, out, *extra), "--resume")  # after step 2's
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002" and _steps(out) == [1, 2]
+    resumed = invoke(*distill_args(tiny_pair, out, *extra), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert _steps(out) == [1, 2, 3, 4]
+    expected, got = _weights(straight), _weights(out)
+    for name in expected:  # the same kernels in the same order: equal to float32 rounding
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- SIGKILL at random moments
+# Each run is killed a seeded random time after it has visibly made progress (a new line in its
+# records or metrics), so the kills land anywhere: mid-step, mid-append, mid-checkpoint-write.
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def kill_at_random(args: list, progress: Path, rng: random.Random, seconds: float) -> int | None:
+    """SIGKILL the CLI process `uniform(0, seconds)` after `progress` grew; its exit status if it ended first."""
+    before = _lines(progress)
+    process = subprocess.Popen([sys.executable, "-m", "mgsr_cli.cli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while _lines(progress) <= before and process.poll() is None:
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, seconds))
+    process.kill()
+    status = process.wait()
+    return None if status == -signal.SIGKILL else status
+
+
+def test_distill_killed_at_random_moments_resumes_to_the_weights_of_a_straight_run(tiny_pair, tmp_path):
+    extra = ["--recipe", "kd", "--max-steps", "10", "--save-every", "1", "--eval-every", "0", "--dev-data", ""]
+    straight = tmp_path / "straight"
+    assert invoke(*distill_args(tiny_pair, straight, *extra)).exit_code == 0
+    out, rng, kills = tmp_path / "killed", random.Random(12), 0
+    for _ in range(3):
+        status = kill_at_random([*distill_args(tiny_pair, out, *extra), "--resume"], out / "metrics.jsonl", rng, 1.5)
+        if status is not None:  # it finished before the kill
+            assert status == 0
+            break
+        kills += 1
+    assert kills >= 2, "the runs were too short to be killed"
+    if json.loads((out / "manifest.json").read_text())["status"] != "complete":
+        resumed = invoke(*distill_args(tiny_pair, out, *extra), "--resume")
+        assert resumed.exit_code == 0, resumed.output
+    assert _steps(out) == list(range(1, 11)), "no step logged twice or lost"
+    expected, got = _weights(straight), _weights(out)
+    for name in expected:  # resume restores weights, optimizer, schedule and data order: equal to float32 rounding
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_generate_killed_at_random_moments_reruns_to_the_records_of_a_straight_run(tiny_pair, tmp_path):
+    args = generate_args(tiny_pair, tmp_path / "straight")
+    args[args.index("--limit") + 1], args[args.index("--batch-size") + 1] = "8", "1"
+    assert invoke(*args).exit_code == 0
+    out, rng = tmp_path / "killed", random.Random(3)
+    args[-1] = out
+    for _ in range(2):
+        status = kill_at_random(args, out / "records.jsonl", rng, 0.3)
+        assert status in (None, 0)
+    if json.loads((out / "manifest.json").read_text())["status"] != "complete":
+        assert invoke(*args).exit_code == 0
+    assert_same_as_straight(out, tmp_path / "straight", 8)
