@@ -48,13 +48,19 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def sha256_of(path: Path) -> str:
-    """sha256 of a file, or of a stage directory's records (what a later stage actually reads)."""
+    """sha256 of a file, of a stage directory's records, or of a data directory's files in the order
+    they are read (what a later stage actually reads)."""
+    from mgsr_cli.data import DATA_SUFFIXES
+
     if path.is_dir():
-        path = path / RECORDS
+        files = [path / RECORDS] if (path / MANIFEST).exists() else sorted(p for p in path.iterdir() if p.name.endswith(DATA_SUFFIXES))
+    else:
+        files = [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
