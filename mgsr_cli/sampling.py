@@ -36,7 +36,7 @@ def select_next_tokens(logits: Tensor, sampling: SamplingConfig, generator: torc
     """One token per row from [B, V] logits: greedy at temperature 0, else top-k/top-p sampling."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / sampling.temperature
+    scores = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
     if 0 < sampling.top_k < scores.shape[-1]:
         kth_best = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
@@ -163,8 +163,7 @@ def continue_sampling(
         cache.batch_select_indices(active)
     step = 0
     while active.numel():
-        logits = next_logits.clone()
-        logits[:, token_space.vocab_size :] = float("-inf")  # padded output rows beyond the tokenizer's vocabulary
+        logits = next_logits[:, : token_space.vocab_size]  # padded output rows beyond the tokenizer's vocabulary never win
         chosen = select_next_tokens(logits, sampling, generator)
         tokens[active, step] = chosen
         lengths[active] += 1
