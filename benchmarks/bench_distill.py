@@ -200,6 +200,7 @@ def loss_spec(beta: float) -> str:
 
 
 FLOOR = "floor"  # --recipes pseudo-recipe: sft as the only loss, with the teacher still run
+OTHER_LOOPS = ("trl", "naive")  # --recipes pseudo-recipes: those loops' forward KL step (beta 0)
 
 
 def recipe_base(recipe: str | None, beta: float) -> tuple[str, dict]:
@@ -214,6 +215,9 @@ def recipe_base(recipe: str | None, beta: float) -> tuple[str, dict]:
 
 def recipe_loss(recipe: str) -> str:
     from mgsr_cli.config import DistillConfig, load_recipe, recipe_path
+
+    if recipe in OTHER_LOOPS:
+        return f"{loss_spec(0.0)} ({'TRL GKDTrainer, beta 0' if recipe == 'trl' else 'plain full-logit loop'})"
 
     name, loss = recipe_base(recipe, 0.0)
     return loss.get("loss") or load_recipe(DistillConfig, recipe_path(name)).loss
@@ -518,7 +522,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="interleaved repetitions of every (beta, variant)")
     parser.add_argument("--betas", default="0,0.5", help="GKD beta values (0 = forward KL = mgsr fkl)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--recipes", help=f"mgsr's loop per shipped recipe (and '{FLOOR}'), instead of the variants")
+    parser.add_argument(
+        "--recipes", help=f"mgsr's loop per shipped recipe (and '{FLOOR}', 'trl', 'naive'), instead of the variants"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256, help="prompt + response tokens at most")
     parser.add_argument("--limit", type=int, default=400, help="Dolly train examples the batches are drawn from")
@@ -589,7 +595,8 @@ def run_recipes(args: argparse.Namespace, common: dict, log_path: Path) -> dict[
           f"load average {os.getloadavg()[0]:.2f} | logs: {log_path}", file=sys.stderr)
     for run in range(args.runs):
         for recipe in recipes:
-            result = run_child(Spec(variant="mgsr", beta=0.0, recipe=recipe, **common), log_path)
+            variant, own = (recipe, None) if recipe in OTHER_LOOPS else ("mgsr", recipe)
+            result = run_child(Spec(variant=variant, beta=0.0, recipe=own, **common), log_path)
             results[recipe].append(result)
             print(f"run {run + 1}/{args.runs} {recipe:12s}: {result['response_tok_s']:8,.0f} resp tok/s, "
                   f"{result['s_per_step']:.2f} s/step, peak {result['maxrss_mib']:6,.0f} MiB "
@@ -619,14 +626,15 @@ def recipe_report(args: argparse.Namespace, results: dict[str, list[dict]]) -> s
             f"{median(floor, 'response_tok_s') / speed:.2f}x | {peak / median(floor, 'maxrss_mib'):.2f}x" if floor else "- | -"
         )
         lines.append(f"| {recipe} | `{loss}` | {speed:,.0f} | {median(runs, 's_per_step'):.2f} | {peak:,.0f} | {ratios} |")
-    if "mgsr" in results and "kd" in results:
-        mgsr, kd = results["mgsr"], results["kd"]
-        lines += [
-            "",
-            f"mgsr / kd: step time {median(kd, 'response_tok_s') / median(mgsr, 'response_tok_s'):.2f}x "
-            f"(tokens/s {median(mgsr, 'response_tok_s') / median(kd, 'response_tok_s'):.2f}x), "
-            f"peak RSS {median(mgsr, 'maxrss_mib') / median(kd, 'maxrss_mib'):.2f}x",
-        ]
+    lines.append("")
+    for a, b in (("mgsr", "kd"), ("kd", FLOOR), ("mgsr", "trl"), ("mgsr", "naive"), ("kd", "trl")):
+        if a in results and b in results:
+            ra, rb = results[a], results[b]
+            lines.append(
+                f"- {a} / {b}: step time {median(rb, 'response_tok_s') / median(ra, 'response_tok_s'):.2f}x "
+                f"(tokens/s {median(ra, 'response_tok_s') / median(rb, 'response_tok_s'):.2f}x), "
+                f"peak RSS {median(ra, 'maxrss_mib') / median(rb, 'maxrss_mib'):.2f}x"
+            )
     lines += ["", "Every run (response tok/s / peak RSS MiB), in run order:", ""]
     lines += [f"- {recipe}: " + ", ".join(f"{r['response_tok_s']:,.0f} / {r['maxrss_mib']:,.0f}" for r in runs) for recipe, runs in results.items()]
     return "\n".join(lines)

@@ -144,8 +144,9 @@ def _soft_log_mask(
     """[N, V] log m = log sigmoid((log p - log tau_l) / kappa) + log sigmoid((log tau_u - log p) / kappa),
     -inf outside the support. In place: one new [N, V] tensor and two [N, V] work buffers
     (overwritten), where F.logsigmoid would allocate six. No autograd (see `BandSumsFunction`)."""
-    log_mask = torch.sub(teacher_log_probs, log_lower[:, None]).div_(kappa)
-    torch.sub(log_upper[:, None], teacher_log_probs, out=upper_term).div_(kappa)
+    # x / kappa - tau / kappa in one pass each (a sub and a div are two)
+    log_mask = torch.add((log_lower / -kappa)[:, None], teacher_log_probs, alpha=1.0 / kappa)
+    torch.add((log_upper / kappa)[:, None], teacher_log_probs, alpha=-1.0 / kappa, out=upper_term)
     log_mask = _log_sigmoid_(log_mask, scratch).add_(_log_sigmoid_(upper_term, scratch))
     return _fill_where_floored_(log_mask, teacher_log_probs, -math.inf)
 
@@ -264,8 +265,10 @@ class BandSumsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             scratch = torch.empty_like(student_log_probs)
             share_grad = grad_teacher_band if ctx.winsorize else grad_teacher_band + grad_mass
-            weight_grad = torch.sub(teacher_log_probs, student_log_probs).sub_(expected_log_ratio[:, None])
-            weight_grad.mul_(grad_ratio[:, None]).add_(share_grad[:, None]).mul_(teacher_shares)
+            # (D - X) g_ratio + share_grad = D g_ratio + (share_grad - X g_ratio), one pass fewer
+            row_term = share_grad - expected_log_ratio * grad_ratio
+            weight_grad = torch.sub(teacher_log_probs, student_log_probs).mul_(grad_ratio[:, None])
+            weight_grad.add_(row_term[:, None]).mul_(teacher_shares)
             weight_grad.addcmul_(student_shares, grad_student_band[:, None])  # d loss / d log w
             mask_grad = weight_grad
             if ctx.winsorize:
@@ -324,9 +327,11 @@ def _mask_threshold_grads(
 ) -> tuple[Tensor, Tensor]:
     """([N], [N]) gradients of the thresholds, given mask_grad = d loss / d log m [N, V]."""
     bound = -exp_floor(mask_grad.dtype)  # keeps sigmoid's exp in range (see exp_floor)
-    torch.sub(log_lower[:, None], teacher_log_probs, out=scratch).div_(kappa).clamp_(-bound, bound).sigmoid_()
+    torch.add((log_lower / kappa)[:, None], teacher_log_probs, alpha=-1.0 / kappa, out=scratch)
+    scratch.clamp_(-bound, bound).sigmoid_()
     grad_lower = scratch.mul_(mask_grad).sum(dim=-1).div_(-kappa)  # scratch was sigmoid(-x1)
-    torch.sub(teacher_log_probs, log_upper[:, None], out=scratch).div_(kappa).clamp_(-bound, bound).sigmoid_()
+    torch.add((log_upper / -kappa)[:, None], teacher_log_probs, alpha=1.0 / kappa, out=scratch)
+    scratch.clamp_(-bound, bound).sigmoid_()
     return grad_lower, scratch.mul_(mask_grad).sum(dim=-1).div_(kappa)  # scratch was sigmoid(-x2)
 
 
