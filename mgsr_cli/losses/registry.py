@@ -301,8 +301,9 @@ class Objective(nn.Module):
 
     @property
     def uses_fused(self) -> bool:
-        """The fused pass scores the rows: asked for, and more than one term (one has nothing to share)."""
-        return self.fused and len(self.weighted_terms) > 1
+        """The fused pass scores the rows: asked for, and at least two terms read its shared
+        log-probabilities (`from_log_probs`); with fewer there is nothing to share."""
+        return self.fused and sum(hasattr(term, "from_log_probs") for term, _ in self.weighted_terms) >= 2
 
     @property
     def has_pair_terms(self) -> bool:
