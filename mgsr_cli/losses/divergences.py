@@ -271,7 +271,11 @@ class GeneralizedJSD(Divergence):
 
 
 class JensenShannon(GeneralizedJSD):
-    """js (f-DISTILL): ½KL(p || m) + ½KL(q || m), m = ½(p + q); gjsd at β = ½. Symmetric."""
+    """js: ½KL(p || m) + ½KL(q || m), m = ½(p + q); gjsd at β = ½. Symmetric.
+
+    f-DISTILL's code defaults to this mixture, but its shipped runs use β = 0.85, which is our
+    gjsd:0.15 (recipes/js.yaml). DistiLLM's use λ = 0.9, our gjsd:0.1 (recipes/gkd_distillm.yaml).
+    """
 
     name = "js"
 
