@@ -37,6 +37,7 @@ from mgsr_cli.console import console, progress_bar
 from mgsr_cli.data import load_examples, resolve_source
 from mgsr_cli.distributed import Layout, check_resumable, check_supported, make_accelerator, share_output_layer, student_state_dict
 from mgsr_cli.errors import Interrupted, UsageError
+from mgsr_cli.gradient_probe import probe_gradient_shares
 from mgsr_cli.heads import HeadLossInputs, fused_head_loss, hidden_states
 from mgsr_cli.metrics import rouge_l_max
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
@@ -549,6 +550,7 @@ class Distillation:
             for part, score in zip(parts, scores):
                 for name, value in {**score.terms, **score.stats}.items():
                     totals[name] = totals.get(name, 0.0) + float(value)
+        shares = probe_gradient_shares(parts_per_micro[0], self.student, self.teacher, self.vocab_size) if self.logs_at(step + 1) else {}
         grad_norm = accelerator.clip_grad_norm_(self.module.parameters(), config.grad_clip) if config.grad_clip > 0 else None
         self.optimizer.step()
         self.scheduler.step()
@@ -560,7 +562,11 @@ class Distillation:
         metrics.update(tokens=int(reduced[1]), source=source, lr=self.scheduler.get_last_lr()[0])
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        return {**metrics, **shares}
+
+    def logs_at(self, step: int) -> bool:
+        """Whether metrics are written after `step` optimizer steps."""
+        return step % self.config.log_every == 0 or step in (1, self.total_steps)
 
     def _stop_if_not_finite(self, loss: Tensor, scores, step: int) -> None:
         """A NaN/inf loss stops the run, on every process, after saving the last good state."""
@@ -716,7 +722,7 @@ class Distillation:
                     rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     metrics.update(tokens_per_s=rate, sgo_share=self.state.sgo.sgo_steps / self.state.step, theta=self.state.sgo.theta)
                     progress.update(task, completed=self.state.step, info=_progress_text(metrics))
-                    if self.state.step % config.log_every == 0 or self.state.step in (1, self.total_steps):
+                    if self.logs_at(self.state.step):
                         self.log(metrics)
                         window_start, window_tokens = time.perf_counter(), 0
                     if config.eval_every and self.state.step % config.eval_every == 0:

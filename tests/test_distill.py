@@ -61,7 +61,7 @@ def test_cli_distill_writes_a_student_that_loads_and_evaluates(tiny_pair, tmp_pa
     assert (out / "student" / "model.safetensors").exists() and (out / "loss_curve.png").stat().st_size > 0
     assert (out / "config.yaml").exists() and (out / "last").is_dir()
     lines = metrics(out)
-    assert {"sft", "dac_kl", "span"} <= set(lines[0]) and any("val_rougeL" in line for line in lines)
+    assert {"sft", "dac_kl", "span", "grad_share/span", "grad_norm/sft"} <= set(lines[0]) and any("val_rougeL" in line for line in lines)
     AutoModelForCausalLM.from_pretrained(str(out / "student"))
     scored = runner.invoke(app, ["evaluate", "--model", str(out), "--data", "dolly", "--limit", "2",  # a distill dir = its student
                                  "--seeds", "10", "--max-new-tokens", "4", "--out", str(tmp_path / "eval")])
