@@ -161,18 +161,15 @@ class Meter:
 def training_batches(spec: Spec, tokenizer) -> list[list]:
     """The `spec.steps` global batches mgsr's loop trains on, in order (mgsr's own data path and
     its own epoch-wise shuffle, so every variant sees exactly these sequences)."""
-    from types import SimpleNamespace
-
     from mgsr_cli.batches import ground_truth_sequences
     from mgsr_cli.config import DataConfig
     from mgsr_cli.data import load_examples
-    from mgsr_cli.train import Distillation
+    from mgsr_cli.train_data import global_batch
 
     data_format = DataConfig()
     examples = load_examples(spec.data, data_format, spec.limit)
     sequences = ground_truth_sequences(examples, tokenizer, data_format.max_prompt_length, spec.max_length, None)
-    order = SimpleNamespace(config=SimpleNamespace(batch_size=spec.batch_size, seed=spec.seed), train_sequences=sequences)
-    return [Distillation.global_batch(order, step) for step in range(spec.steps)]
+    return [global_batch(sequences, spec.batch_size, spec.seed, step) for step in range(spec.steps)]
 
 
 def batches_fingerprint(batches: list[list]) -> str:
@@ -240,6 +237,7 @@ def run_mgsr(spec: Spec, meter: Meter) -> dict:
     """mgsr's distill loop (what `run_distill` runs), with train_step timed from outside."""
     from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
     from mgsr_cli.train import Distillation
+    from mgsr_cli.train_data import global_batch
 
     if spec.recipe == FLOOR:
         teacher_always(Distillation)
@@ -269,7 +267,7 @@ def run_mgsr(spec: Spec, meter: Meter) -> dict:
         },
     )
     distillation = Distillation(config, Path(spec.work_dir) / f"mgsr-out-{os.getpid()}", resume=False, overwrite=True)
-    batches = [distillation.global_batch(step) for step in range(spec.steps)]
+    batches = [global_batch(distillation.data.train_sequences, config.batch_size, config.seed, step) for step in range(spec.steps)]
     counts = [token_counts(batch) for batch in batches]
     untimed_step = distillation.train_step
 

@@ -89,17 +89,14 @@ def mgsr_config(spec: Spec):
 
 def ground_truth_batches(spec: Spec, tokenizer) -> list[list]:
     """The global batches mgsr's loop draws for `spec` (its data path, prompt limit and order)."""
-    from types import SimpleNamespace
-
     from mgsr_cli.batches import ground_truth_sequences
     from mgsr_cli.config import DataConfig
     from mgsr_cli.data import load_examples
-    from mgsr_cli.train import Distillation
+    from mgsr_cli.train_data import global_batch
 
     examples = load_examples("dolly_train", DataConfig(max_prompt_length=spec.max_prompt), spec.limit)
     sequences = ground_truth_sequences(examples, tokenizer, spec.max_prompt, spec.max_length, None)
-    order = SimpleNamespace(config=SimpleNamespace(batch_size=spec.batch_size, seed=spec.seed), train_sequences=sequences)
-    return [Distillation.global_batch(order, step) for step in range(spec.steps)]
+    return [global_batch(sequences, spec.batch_size, spec.seed, step) for step in range(spec.steps)]
 
 
 def run_mgsr(spec: Spec, meter: Meter) -> dict:
@@ -107,7 +104,7 @@ def run_mgsr(spec: Spec, meter: Meter) -> dict:
     from mgsr_cli.train import Distillation
 
     distillation = Distillation(mgsr_config(spec), Path(spec.work_dir) / f"mgsr-out-{os.getpid()}", resume=False, overwrite=True)
-    untimed_step, untimed_plan = distillation.train_step, distillation.plan_parts
+    untimed_step, untimed_plan = distillation.train_step, distillation.batches.plan_parts
     scored, generated = [], []
 
     def plan_parts(ground_truth, distill):
@@ -125,7 +122,7 @@ def run_mgsr(spec: Spec, meter: Meter) -> dict:
         meter.step_done(scored[-1], scored[-1])
         return metrics
 
-    distillation.plan_parts, distillation.train_step = plan_parts, timed_step
+    distillation.batches.plan_parts, distillation.train_step = plan_parts, timed_step
     distillation.train()
     return {"generating_steps": generated[spec.warmup :]}
 

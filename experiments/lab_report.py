@@ -136,7 +136,7 @@ def _last_val_loss(metrics: Path) -> float | None:
 def _recipe_settings(run: Path, student) -> dict:
     """The method-defining settings of a recipe's run, and the learning rate the run resolved."""
     from mgsr_cli.config import DistillConfig, from_dict
-    from mgsr_cli.train import resolve_schedule
+    from mgsr_cli.train_setup import resolve_schedule
 
     config = _json(run / "manifest.json")["config"]
     lr, _ = resolve_schedule(from_dict(DistillConfig, config, str(run)), student, 1)
