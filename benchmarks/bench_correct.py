@@ -27,7 +27,7 @@ from mgsr_cli.artifacts import read_stage
 from mgsr_cli.config import GenerateConfig, ModelLoading, SamplingConfig
 from mgsr_cli.generate import run_generate
 from mgsr_cli.models import build_tiny_pair, load_model_and_tokenizer
-from mgsr_cli.scrg import correct_config, run_correct
+from mgsr_cli.correct import correct_config, run_correct
 
 TARGET_RATIO = 1.5
 PHASES = {"score_windows": "scoring", "regenerate": "re-generation"}

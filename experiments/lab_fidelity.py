@@ -130,7 +130,8 @@ def scrg_check(fidelity: Fidelity, init_dir: Path, config, seed: int) -> dict:
     paired teacher NLL per token, and distinct-1/2 of both corpora."""
     from experiments.lab_stats import interval
     from mgsr_cli.sampling import TokenSpace, make_generator
-    from mgsr_cli.scrg import ScrgOptions, correct_sequences
+    from mgsr_cli.config import ScrgOptions
+    from mgsr_cli.scrg import correct_sequences
 
     student, tokenizer = _load(init_dir)
     own = records_by_key(fidelity.evaluate, "student-init")

@@ -237,7 +237,7 @@ def correct(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """SCRG: find where teacher and student disagree most, put the teacher's token there, let the student re-generate the rest."""
-    from mgsr_cli.scrg import correct_config, run_correct
+    from mgsr_cli.correct import correct_config, run_correct
 
     config = correct_config(
         input,

@@ -74,7 +74,7 @@ def run_demo(out: Path, size: DemoSize = DemoSize(), overwrite: bool = False) ->
     from mgsr_cli.evaluate import run_evaluate
     from mgsr_cli.generate import run_generate
     from mgsr_cli.models import build_tiny_pair
-    from mgsr_cli.scrg import correct_config, run_correct
+    from mgsr_cli.correct import correct_config, run_correct
 
     _stage("1/6 build the tiny GPT-2 teacher (4 layers) and student (2 layers)")
     models = out / "models"

@@ -67,7 +67,7 @@ def _check_generation(model: nn.Module, token_space: TokenSpace) -> None:
 @torch.inference_mode()
 def _check_cache_reuse(student: nn.Module, token_space: TokenSpace) -> None:
     """Continue a teacher-forced probe from its cache and by re-encoding: the next-token logits must agree."""
-    from mgsr_cli.scrg import resume_after_prefix
+    from mgsr_cli.scrg_regenerate import resume_after_prefix
 
     device = next(student.parameters()).device
     prompts, responses = _probe(token_space, PROBE_PROMPTS), _probe(token_space, PROBE_RESPONSES)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from mgsr_cli.batches import Sequence, SpanSettings, make_sequence
-from mgsr_cli.config import DistillConfig
+from mgsr_cli.config import DistillConfig, ScrgOptions
 from mgsr_cli.errors import UsageError
 from mgsr_cli.sampling import TokenSpace, sample, token_budgets
 
@@ -152,7 +152,7 @@ class SgoMaker:
         return [(self.student, list(range(half))), (self.teacher, list(range(half, count)))]
 
     def _revise(self, prompts: list[Sequence], responses: list[list[int]], generator: torch.Generator) -> list[list[int]]:
-        from mgsr_cli.scrg import ScrgOptions, correct_sequences
+        from mgsr_cli.scrg import correct_sequences
 
         options = ScrgOptions(
             divergence=self.config.scrg_divergence,

@@ -19,7 +19,7 @@ from mgsr_cli.heads import hidden_states
 from mgsr_cli.kv_cache import reusable
 from mgsr_cli.models import load_model
 from mgsr_cli.sampling import TokenSpace, continue_sampling, forward_step, left_pad, position_ids_from_mask
-from mgsr_cli.scrg import regenerate
+from mgsr_cli.scrg_regenerate import regenerate
 
 from .conftest import write_jsonl
 from .families import EOS, FAMILIES, VOCAB, WINDOW, build_pair

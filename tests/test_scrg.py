@@ -14,7 +14,9 @@ from mgsr_cli.models import load_model
 from mgsr_cli.losses.divergences import ForwardKL, JensenShannon, ReverseKL
 from mgsr_cli.sampling import TokenSpace, continue_sampling, forward_step, left_pad, make_generator, position_ids_from_mask, sample
 from mgsr_cli.models import check_same_vocabulary
-from mgsr_cli.scrg import correct_sequences, eligible_end, first_disagreements, regenerate, token_divergence
+from mgsr_cli.scrg import correct_sequences, eligible_end
+from mgsr_cli.scrg_regenerate import regenerate
+from mgsr_cli.scrg_scoring import first_disagreements, token_divergence
 
 EOS = 50256
 VOCAB = 50257
@@ -224,10 +226,10 @@ def test_preflight_passes_a_sound_pair_and_names_a_broken_cache_in_one_line(base
     def misaligned(cache, rows, columns):  # what a cache layout SCRG misreads would do
         select_positions_before(cache, rows, (columns + 1).clamp(max=columns.max()))
 
-    import mgsr_cli.scrg as scrg
+    import mgsr_cli.scrg_regenerate as scrg_regenerate
 
-    select_positions_before = scrg.select_positions
-    monkeypatch.setattr(scrg, "select_positions", misaligned)
+    select_positions_before = scrg_regenerate.select_positions
+    monkeypatch.setattr(scrg_regenerate, "select_positions", misaligned)
     with pytest.raises(UsageError, match=r"^preflight \(student, SCRG cache reuse\): continuing from the KV cache differs") as error:
         module.preflight({"student": student}, SPACE, scrg_student=student)
     assert "\n" not in str(error.value)
