@@ -104,7 +104,7 @@ def test_generate_killed_while_creating_its_output_then_mid_append(tiny_pair, tm
     assert_same_as_straight(out, straight, 4)
 
 
-def test_correct_and_evaluate_killed_mid_append_resume_to_the_same_records(tiny_pair, tmp_path):
+def test_correct_and_evaluate_killed_creating_their_output_then_mid_append_resume_to_the_same_records(tiny_pair, tmp_path):
     generated = tmp_path / "gen"
     assert invoke(*generate_args(tiny_pair, generated)).exit_code == 0
     correct = ["correct", "--input", generated, "--teacher", tiny_pair[0], "--student", tiny_pair[1], "--batch-size", "2", "--out"]
@@ -113,7 +113,9 @@ def test_correct_and_evaluate_killed_mid_append_resume_to_the_same_records(tiny_
     for args, count in ((correct, 4), (evaluate, 4)):
         straight, out = tmp_path / f"{args[0]}-straight", tmp_path / f"{args[0]}-killed"
         assert invoke(*args, straight).exit_code == 0
-        killed = crash("append", 1, *args, out)
+        killed = crash("manifest-rename", 1, *args, out)  # killed while creating its output directory
+        assert killed.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
+        killed = crash("append", 1, *args, out)  # the leftover is cleaned; killed again mid-append
         assert killed.returncode == -signal.SIGKILL
         assert json.loads((out / "manifest.json").read_text())["status"] == "running"
         assert 0 < len(records(out)) < count
@@ -149,10 +151,12 @@ def assert_same_weights(out: Path, straight: Path) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_distill_killed_before_its_first_checkpoint_and_during_a_checkpoint_write(tiny_pair, tmp_path, kd_straight):
+def test_distill_killed_creating_its_output_before_its_first_checkpoint_and_during_a_checkpoint_write(tiny_pair, tmp_path, kd_straight):
     extra = [*KD, "--save-every", "1"]
 
     out = tmp_path / "killed"
+    killed = crash("manifest-rename", 1, *distill_args(tiny_pair, out, *extra))  # while creating its output directory
+    assert killed.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
     killed = crash("checkpoint-write", 1, *distill_args(tiny_pair, out, *extra))  # before the first checkpoint is in place
     assert killed.returncode == -signal.SIGKILL and _steps(out) == [1]
     assert not (out / "checkpoints" / "latest").exists()
