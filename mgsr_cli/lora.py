@@ -30,15 +30,19 @@ def add_lora(student: nn.Module, config: DistillConfig) -> None:
     with_lora(student, config)
 
 
-def lora_config(config: DistillConfig):
-    """LoRA dropout follows `disable_dropout` like every other dropout of the student."""
+def lora_config(config: DistillConfig, model: nn.Module):
+    """LoRA dropout follows `disable_dropout` like every other dropout of the student.
+    fan_in_fan_out is set for models whose linear layers are transformers' Conv1D (GPT-2's
+    family stores their weights transposed); peft would otherwise warn and set it itself."""
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
     return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=0.0 if config.disable_dropout else config.lora.dropout,
         target_modules=config.lora.target_modules or None,
+        fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
         task_type="CAUSAL_LM",
     )
 
@@ -49,7 +53,7 @@ def with_lora(model: nn.Module, config: DistillConfig):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora_config(config))
+        return get_peft_model(model, lora_config(config, model))
 
 
 def lora_adapted_copy(student: nn.Module, config: DistillConfig, state: dict):
