@@ -40,15 +40,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULT_PREFIX = "BENCH-RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from child_runs import emit_result, run_child  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
 VARIANTS = ("mgsr", "trl", "naive")
 
 
@@ -63,7 +65,7 @@ class Spec:
     work_dir: str
     data: str = "dolly_train"
     limit: int | None = 400
-    max_length: int = 256
+    max_length: int = 320
     batch_size: int = 8
     steps: int = 5
     warmup: int = 2
@@ -458,7 +460,7 @@ def child_main(spec: Spec) -> None:
     runner = {"mgsr": run_mgsr, "trl": run_trl, "naive": run_naive}[spec.variant]
     extra = runner(spec, meter)
     result = {**meter.result(), **extra, "end_peak_mib": proc_status_mib("VmHWM"), "torch": torch.__version__}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    emit_result(result)
 
 
 def build_main(spec: Spec) -> None:
@@ -474,23 +476,9 @@ def build_main(spec: Spec) -> None:
 # ---------------------------------------------------------------- parent side (no torch import)
 
 
-def run_child(spec: Spec, log_path: Path, mode: str = "--child") -> dict:
-    """Run one spec in a fresh interpreter; returns its result with ru_maxrss (MiB) from wait4."""
-    environment = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(dataclasses.asdict(spec))]
-    with open(log_path, "a") as log:
-        log.write(f"\n=== {spec.variant} beta={spec.beta} {time.strftime('%H:%M:%S')}\n")
-        log.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
-        output = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{spec.variant} (beta {spec.beta}) failed with exit code {process.returncode}; see {log_path}")
-    if mode != "--child":
-        return {}
-    line = next(line for line in output.splitlines() if line.startswith(RESULT_PREFIX))
-    return {**json.loads(line[len(RESULT_PREFIX) :]), "maxrss_mib": usage.ru_maxrss / 1024}
+def run_spec(spec: Spec, log_path: Path) -> dict:
+    """One measured spec in a fresh bench_distill child."""
+    return run_child(SCRIPT, "--child", dataclasses.asdict(spec), f"{spec.variant} beta={spec.beta}", log_path)
 
 
 def available_gib() -> float:
@@ -524,7 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipes", help=f"mgsr's loop per shipped recipe (and '{FLOOR}', 'trl', 'naive'), instead of the variants"
     )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256, help="prompt + response tokens at most")
+    parser.add_argument(
+        "--max-length", type=int, default=320,
+        help="prompt + response tokens at most (default 320: it must exceed the max prompt length, DataConfig's 256)",
+    )
     parser.add_argument("--limit", type=int, default=400, help="Dolly train examples the batches are drawn from")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
@@ -547,7 +538,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, str, str, Path]:
     teacher, student = work / f"teacher-{args.teacher_size}", work / f"student-{args.student_size}"
     if not (teacher / "config.json").exists() or not (student / "config.json").exists():
         build = Spec("build", 0.0, args.teacher_size, args.student_size, str(work))
-        run_child(build, log_path, mode="--build")
+        run_child(SCRIPT, "--build", dataclasses.asdict(build), "build", log_path, emits_result=False)
     return work, str(teacher), str(student), log_path
 
 
@@ -574,7 +565,7 @@ def main() -> None:
     for run in range(args.runs):
         for beta in betas:
             for variant in variants:
-                result = run_child(Spec(variant=variant, beta=beta, **common), log_path)
+                result = run_spec(Spec(variant=variant, beta=beta, **common), log_path)
                 results[(beta, variant)].append(result)
                 print(f"run {run + 1}/{args.runs} beta {beta:g} {variant:5s}: {result['response_tok_s']:8,.0f} resp tok/s, "
                       f"{result['s_per_step']:.2f} s/step, peak {result['maxrss_mib']:6,.0f} MiB, step-1 loss {result['first_loss']:.6f} "
@@ -594,7 +585,7 @@ def run_recipes(args: argparse.Namespace, common: dict, log_path: Path) -> dict[
     for run in range(args.runs):
         for recipe in recipes:
             variant, own = (recipe, None) if recipe in OTHER_LOOPS else ("mgsr", recipe)
-            result = run_child(Spec(variant=variant, beta=0.0, recipe=own, **common), log_path)
+            result = run_spec(Spec(variant=variant, beta=0.0, recipe=own, **common), log_path)
             results[recipe].append(result)
             print(f"run {run + 1}/{args.runs} {recipe:12s}: {result['response_tok_s']:8,.0f} resp tok/s, "
                   f"{result['s_per_step']:.2f} s/step, peak {result['maxrss_mib']:6,.0f} MiB "

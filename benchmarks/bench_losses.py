@@ -33,7 +33,14 @@ import sys
 import time
 
 SPECS = ["sft", "fkl", "rkl", "skl:0.1", "srkl:0.1", "gjsd:0.5", "js", "tvd", "akl:0.5", "rank:5", "dac_kl", "span"]
-SUMS = ["sft=1,dac_kl=1,span=1", "sft=1,fkl=1,span=1", "sft=1,dac_kl=1", "rank:5=2,fkl=1"]
+SUM_RECIPES = ("mgsr", "mgsr_fkl", "mgsr_no_span", "rlkd")  # the shipped multi-term losses, one recipe each
+
+
+def recipe_losses(names: tuple[str, ...]) -> list[str]:
+    """The shipped recipes' loss specs, read from the recipes so the sums cannot drift from them."""
+    from mgsr_cli.config import DistillConfig, load_recipe, recipe_path
+
+    return [load_recipe(DistillConfig, recipe_path(name)).loss for name in names]
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,7 +51,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case after the memory run")
     parser.add_argument("--losses", default=",".join(SPECS), help="comma-separated registry specs")
-    parser.add_argument("--sums", default=";".join(SUMS), help="';'-separated weighted sums ('' for none)")
+    parser.add_argument(
+        "--sums",
+        help=f"';'-separated weighted sums ('' for none; default: the losses of recipes {', '.join(SUM_RECIPES)})",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one loss in this process
     parser.add_argument("--per-term", action="store_true", help=argparse.SUPPRESS)  # internal: fused=False
     return parser.parse_args()
@@ -153,7 +163,7 @@ def main() -> None:
           f"input logits (student + teacher) {2 * tokens * args.vocab * 4 / 2**20:.0f} MiB")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (timings are only meaningful on an idle machine)")
     print(f"{'loss':<10} {'ms/1k tok':>10} {'chunked':>8} {'peak MiB':>9} {'chunked':>8} {'MiB/1k tok':>11} {'chunked':>8}")
-    sums = [text for text in args.sums.split(";") if text]
+    sums = recipe_losses(SUM_RECIPES) if args.sums is None else [text for text in args.sums.split(";") if text]
     singles = list(dict.fromkeys(args.losses.split(",") + [term for text in sums for term in sum_terms(text)]))
     times = {}
     for spec in singles:
@@ -184,7 +194,7 @@ def main() -> None:
 
 
 def sum_terms(text: str) -> list[str]:
-    """The single-term specs of a weighted sum: 'rank:5=2,fkl=1' -> ['rank:5', 'fkl']."""
+    """The single-term specs of a weighted sum: 'rank:5=1,fkl=0.5' -> ['rank:5', 'fkl']."""
     return [item.split("=")[0].strip() for item in text.split(",")]
 
 

@@ -11,7 +11,7 @@ tokens), AdamW, clipping 1.0 and number of steps:
                 sft (ground truth) + dac_kl + span (revised outputs) train;
 - trl-l0.5 / trl-l1: `GKDTrainer`, beta 0.5, lmbda 0.5 / 1.0, seq_kd off (its HF `generate` path).
 
-The timed window, memory marks and process isolation are bench_distill's (`Meter`, one fresh
+The timed window and memory marks are bench_distill's (`Meter`), the process isolation child_runs' (one fresh
 process per run, interleaved). "tokens" are the response tokens the distillation loss is scored
 on (generated ones on generating steps); the share of generating steps is reported because the
 lmbda 0.5 coin is drawn by each library's own RNG.
@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_distill import (  # noqa: E402  (the shared harness of the training benchmarks)
-    RESULT_PREFIX,
     Meter,
     available_gib,
     import_gkd,
@@ -45,8 +43,8 @@ from bench_distill import (  # noqa: E402  (the shared harness of the training b
     median,
     prepare,
 )
+from child_runs import emit_result, run_child  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("mgsr-gkd", "mgsr-gkd-l1", "mgsr-mgsr", "trl-l0.5", "trl-l1")
 RATIOS = (("mgsr-gkd", "trl-l0.5"), ("mgsr-gkd-l1", "trl-l1"), ("mgsr-mgsr", "trl-l1"))
 
@@ -87,16 +85,15 @@ def mgsr_config(spec: Spec):
     return override(load_recipe(DistillConfig, recipe_path(recipe)), changes)
 
 
-def ground_truth_batches(spec: Spec, tokenizer) -> list[list]:
-    """The global batches mgsr's loop draws for `spec` (its data path, prompt limit and order)."""
+def ground_truth_batches(config, tokenizer) -> list[list]:
+    """The global batches mgsr's loop draws for `config` (its data path, prompt limit and order)."""
     from mgsr_cli.batches import ground_truth_sequences
-    from mgsr_cli.config import DataConfig
     from mgsr_cli.data import load_examples
     from mgsr_cli.train_data import global_batch
 
-    examples = load_examples("dolly_train", DataConfig(max_prompt_length=spec.max_prompt), spec.limit)
-    sequences = ground_truth_sequences(examples, tokenizer, spec.max_prompt, spec.max_length, None)
-    return [global_batch(sequences, spec.batch_size, spec.seed, step) for step in range(spec.steps)]
+    examples = load_examples(config.data, config.data_format, config.limit)
+    sequences = ground_truth_sequences(examples, tokenizer, config.data_format.max_prompt_length, config.max_length, None)
+    return [global_batch(sequences, config.batch_size, config.seed, step) for step in range(config.max_steps)]
 
 
 def run_mgsr(spec: Spec, meter: Meter) -> dict:
@@ -138,7 +135,7 @@ def run_trl(spec: Spec, meter: Meter) -> dict:
 
     GKDConfig, GKDTrainer = import_gkd()
     tokenizer = load_tokenizer(spec.student)
-    batches = ground_truth_batches(spec, tokenizer)
+    batches = ground_truth_batches(mgsr_config(spec), tokenizer)
     dataset = Dataset.from_list(
         [{"prompt": s.prompt_ids, "response": s.response_ids} for batch in batches for s in batch]
     )
@@ -215,23 +212,7 @@ def child_main(spec: Spec) -> None:
     torch.set_num_threads(spec.threads)
     meter = Meter(spec.steps, spec.warmup)
     extra = (run_trl if spec.variant.startswith("trl") else run_mgsr)(spec, meter)
-    print(RESULT_PREFIX + json.dumps({**meter.result(), **extra, "torch": torch.__version__}), flush=True)
-
-
-def run_child(spec: Spec, log_path: Path) -> dict:
-    """One spec in a fresh interpreter; adds ru_maxrss (MiB) from wait4."""
-    environment = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(dataclasses.asdict(spec))]
-    with open(log_path, "a") as log:
-        log.write(f"\n=== {spec.variant} {time.strftime('%H:%M:%S')}\n")
-        log.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
-        output = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{spec.variant} failed; see {log_path}")
-    line = next(line for line in output.splitlines() if line.startswith(RESULT_PREFIX))
-    return {**json.loads(line[len(RESULT_PREFIX) :]), "maxrss_mib": usage.ru_maxrss / 1024}
+    emit_result({**meter.result(), **extra, "torch": torch.__version__})
 
 
 def report(args, results: dict[str, list[dict]]) -> str:
@@ -290,7 +271,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {variant: [] for variant in args.variants.split(",")}
     for run in range(args.runs):
         for variant in results:
-            result = run_child(Spec(variant=variant, **common), log_path)
+            spec = Spec(variant=variant, **common)
+            result = run_child(__file__, "--child", dataclasses.asdict(spec), variant, log_path)
             results[variant].append(result)
             print(f"run {run + 1} {variant}: {result['response_tok_s']:,.0f} tok/s, {result['s_per_step']:.2f} s/step, "
                   f"peak {result['maxrss_mib']:,.0f} MiB", file=sys.stderr, flush=True)

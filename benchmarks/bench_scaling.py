@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill import Spec, available_gib, machine_description, median, prepare, run_child  # noqa: E402
+from bench_distill import Spec, available_gib, machine_description, median, prepare, run_spec  # noqa: E402
+from child_runs import run_child  # noqa: E402
 
 VOCAB = 50257
 MAX_PROMPT_TOKENS = 64
@@ -92,7 +93,7 @@ def main() -> None:
     work, teacher, student, log_path = prepare(args)
     data = work / "scaling.jsonl"
     if not data.exists():
-        run_child_make_data(data, student, log_path)
+        run_child(__file__, "--make-data", [str(data), student], "make-data", log_path, emits_result=False)
     lengths = [int(value) for value in args.lengths.split(",")]
     batches = [int(value) for value in args.batches.split(",")]
     points = [("length", args.length_batch, length) for length in lengths] + [("batch", batch, args.batch_length) for batch in batches]
@@ -111,7 +112,7 @@ def main() -> None:
                     variant=variant, beta=0.0, teacher=teacher, student=student, work_dir=str(work), data=str(data), limit=None,
                     max_length=length, batch_size=batch, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size, threads=args.threads,
                 )
-                result = run_child(spec, log_path)
+                result = run_spec(spec, log_path)
                 results.setdefault(key, []).append(result)
                 print(f"run {run + 1} B={batch:2d} T={length:4d} {variant:5s}: {result['response_tok_s']:8,.0f} resp tok/s, "
                       f"peak {result['maxrss_mib']:6,.0f} MiB, growth {result['train_peak_mib'] - result['ready_rss_mib']:6,.0f} MiB "
@@ -121,14 +122,6 @@ def main() -> None:
     print(report(args, points, variants, results))
     if args.plot:
         plot(args, points, variants, results, Path(args.plot))
-
-
-def run_child_make_data(data: Path, tokenizer_dir: str, log_path: Path) -> None:
-    import subprocess
-
-    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with open(log_path, "a") as log:
-        subprocess.run([sys.executable, __file__, "--make-data", json.dumps([str(data), tokenizer_dir])], check=True, stderr=log, env=environment)
 
 
 def summary(runs: list[dict]) -> dict:
