@@ -336,6 +336,12 @@ def test_target_class_counts_even_outside_the_band():
     assert DacKL(dac_components="target", **options)(Rows(student, teacher)).values.item() > 1e-2
 
 
+def test_target_class_is_the_first_of_tied_teacher_maxima():
+    teacher = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0], [-math.inf, 1.0, -math.inf, 1.0]]).log_softmax(-1)
+    target = DacKL(dac_fixed_quantiles=[0.2, 0.8])._target_class(None, teacher)
+    assert target.tolist() == [1, 0, 1] == teacher.argmax(dim=-1).tolist()
+
+
 # ---------------------------------------------------------------- the coverage guard
 
 
