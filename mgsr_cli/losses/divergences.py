@@ -16,6 +16,9 @@ The teacher is a constant target: it is detached and gets no gradient.
 For a row loss L(q), q = softmax(z), the chain rule through the softmax gives
 dL/dz_j = q_j (g_j - Σ_k q_k g_k) with g = dL/dq; each class below writes the result of
 that formula for its own L, simplified so that no 0 · inf appears.
+
+AKL, which also needs each row's teacher head, is in adaptive_kl.py; sft, the ground-truth
+cross-entropy built on the same row blocks, in cross_entropy.py.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from torch.autograd.function import once_differentiable
 
 from .base import Rows, SharedLogProbs, TermOutput
 
-IGNORE_INDEX = -100
 # Entries per row block inside the closed-form functions: 16 MiB float32 temporaries.
 BLOCK_ENTRIES = 1 << 22
 
@@ -42,7 +44,7 @@ def _log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.log_softmax(logits, dim=-1, dtype=dtype)
 
 
-def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
+def kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
     """Σ_k a_k (log a_k - log b_k) per row, with entries where a_k = 0 contributing 0."""
     a = log_a.exp()
     terms = (log_a - log_b).mul_(a)
@@ -155,7 +157,7 @@ class ForwardKL(Divergence):
     name = "fkl"
 
     def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return _kl_rows(log_p, log_q), ()
+        return kl_rows(log_p, log_q), ()
 
     def log_prob_grad(self, log_p: Tensor, log_q: Tensor) -> Tensor:
         return log_p.exp().neg_()
@@ -170,7 +172,7 @@ class ReverseKL(Divergence):
     name = "rkl"
 
     def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        kl = _kl_rows(log_q, log_p)
+        kl = kl_rows(log_q, log_p)
         return kl, (kl,)
 
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor, kl: Tensor) -> Tensor:
@@ -196,7 +198,7 @@ class SkewForwardKL(Divergence):
         self.alpha = alpha
 
     def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return _kl_rows(log_p, _log_mixture(log_p, log_q, self.alpha)), ()
+        return kl_rows(log_p, _log_mixture(log_p, log_q, self.alpha)), ()
 
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor) -> Tensor:
         log_m = _log_mixture(log_p, log_q, self.alpha)
@@ -222,7 +224,7 @@ class SkewReverseKL(Divergence):
         self.alpha = alpha
 
     def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return _kl_rows(log_q, _log_mixture(log_q, log_p, self.alpha)), ()
+        return kl_rows(log_q, _log_mixture(log_q, log_p, self.alpha)), ()
 
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor) -> Tensor:
         log_ratio = log_q - _log_mixture(log_q, log_p, self.alpha)
@@ -255,7 +257,7 @@ class GeneralizedJSD(Divergence):
         if self._endpoint is not None:
             return self._endpoint.values(log_p, log_q)
         log_m = _log_mixture(log_p, log_q, self.beta)
-        values = self.beta * _kl_rows(log_p, log_m) + (1.0 - self.beta) * _kl_rows(log_q, log_m)
+        values = self.beta * kl_rows(log_p, log_m) + (1.0 - self.beta) * kl_rows(log_q, log_m)
         return values, ()
 
     def student_logit_grad(self, log_p: Tensor, log_q: Tensor, *row_aux: Tensor) -> Tensor:
@@ -298,132 +300,3 @@ class TotalVariation(Divergence):
         q = log_q.exp()
         sign = (q - log_p.exp_()).sign_()
         return q.mul_(sign - (q * sign).sum(dim=-1, keepdim=True)).mul_(0.5)
-
-
-HEAD_CANDIDATES = 256
-
-
-def teacher_head_mask(p: Tensor, head_mass: float) -> Tensor:
-    """[N, V] bool: the top teacher tokens whose cumulative mass is <= head_mass (AKL's head).
-
-    The top-1 token is always in the head. Tokens tied in probability are ordered as
-    torch.topk / torch.sort order them. The head is read from the top HEAD_CANDIDATES
-    tokens; only rows whose head reaches past them (flat distributions) are fully sorted.
-    """
-    candidates = min(HEAD_CANDIDATES, p.shape[-1])
-    top_p, top_index = p.topk(candidates, dim=-1)
-    head = _head_from_sorted(top_p, top_index, head_mass, p.shape[-1])
-    unresolved = top_p.sum(dim=-1) <= head_mass if candidates < p.shape[-1] else torch.zeros_like(head[:, 0])
-    if bool(unresolved.any()):
-        sorted_p, order = p[unresolved].sort(dim=-1, descending=True)
-        head[unresolved] = _head_from_sorted(sorted_p, order, head_mass, p.shape[-1])
-    return head
-
-
-def _head_from_sorted(sorted_p: Tensor, order: Tensor, head_mass: float, vocab: int) -> Tensor:
-    """Scatter 'cumulative mass <= head_mass, top-1 always' from sorted order to [n, vocab]."""
-    in_head = sorted_p.cumsum(dim=-1) <= head_mass
-    in_head[:, 0] = True
-    return torch.zeros(sorted_p.shape[0], vocab, dtype=torch.bool, device=sorted_p.device).scatter_(-1, order, in_head)
-
-
-class AdaptiveKL(Divergence):
-    """akl:μ (AKL): w_h·FKL + w_t·RKL with detached weights from the head/tail gap.
-
-    Head H = teacher tokens with cumulative teacher mass <= μ (top-1 always in),
-    g_h = Σ_H |p - q|, g_t = Σ_not-H |p - q|, w_h = g_h / (g_h + g_t), w_t = 1 - w_h.
-    When g_h + g_t = 0 (p = q) both KLs are 0 and the weights are set to ½ each.
-    The gradient treats w_h, w_t as constants, as the method prescribes.
-    """
-
-    name = "akl"
-
-    def __init__(self, mu: float = 0.5) -> None:
-        if not 0.0 <= mu <= 1.0:
-            raise ValueError(f"'{self.name}' needs a parameter in [0, 1], got {mu}")
-        self.mu = mu
-
-    def head_weight(self, log_p: Tensor, log_q: Tensor) -> Tensor:
-        """w_h per row [N], detached by construction (no autograd inside a Function)."""
-        p = log_p.exp()
-        gap = (p - log_q.exp()).abs_()
-        head = teacher_head_mask(p, self.mu)
-        head_gap = torch.where(head, gap, 0.0).sum(dim=-1)
-        tail_gap = gap.masked_fill_(head, 0.0).sum(dim=-1)
-        total_gap = head_gap + tail_gap
-        return torch.where(total_gap > 0, head_gap / total_gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
-
-    def values(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        head_weight = self.head_weight(log_p, log_q)
-        reverse = _kl_rows(log_q, log_p)
-        values = head_weight * _kl_rows(log_p, log_q) + (1.0 - head_weight) * reverse
-        return values, (head_weight, reverse)
-
-    def student_logit_grad(self, log_p: Tensor, log_q: Tensor, head_weight: Tensor, reverse: Tensor) -> Tensor:
-        head_weight = head_weight.unsqueeze(-1)
-        reverse_grad = ReverseKL().student_logit_grad(log_p, log_q, reverse)
-        forward_grad = log_q.exp_().sub_(log_p.exp_())
-        return forward_grad.mul_(head_weight).add_(reverse_grad.mul_(1.0 - head_weight))
-
-    def __repr__(self) -> str:
-        return f"akl:{self.mu:g}"
-
-
-class _CrossEntropyFunction(torch.autograd.Function):
-    """values[N] = -log softmax(z)[target], 0 where target == -100; gradient softmax - onehot."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        dtype = compute_dtype(logits)
-        ignored = targets == IGNORE_INDEX
-        safe_targets = targets.long().masked_fill(ignored, 0).unsqueeze(-1)
-        log_normalizer = torch.cat(
-            [torch.logsumexp(logits[rows].to(dtype), dim=-1) for rows in row_blocks(*logits.shape)]
-        )
-        target_logits = logits.gather(-1, safe_targets).squeeze(-1).to(dtype)
-        ctx.save_for_backward(logits, safe_targets, ignored)
-        return torch.where(ignored, 0.0, log_normalizer - target_logits)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None]:
-        logits, safe_targets, ignored = ctx.saved_tensors
-        dtype = compute_dtype(logits)
-        row_scale = grad_values.to(dtype).masked_fill(ignored, 0.0).unsqueeze(-1)
-        grad = torch.empty_like(logits)
-        for rows in row_blocks(*logits.shape):
-            block_grad = torch.softmax(logits[rows], dim=-1, dtype=dtype)
-            block_grad.scatter_add_(-1, safe_targets[rows], torch.full_like(safe_targets[rows], -1, dtype=dtype))
-            grad[rows] = block_grad.mul_(row_scale[rows])
-        return grad, None
-
-
-class CrossEntropy:
-    """sft: the student's cross-entropy on the ground-truth next token (rows.targets).
-
-    Rows whose target is -100 give 0 and still count in the token mean, so the caller's
-    mask should cover exactly the labelled positions. `uses_temperature = False`: the
-    objective passes raw student logits, since the temperature is a distillation setting.
-    """
-
-    name = "sft"
-    unit = "token"
-    uses_temperature = False
-    uses_teacher = False
-
-    def __call__(self, rows: Rows) -> TermOutput:
-        if rows.targets is None:
-            raise ValueError("'sft' needs targets (labels) for the scored positions")
-        return TermOutput(values=_CrossEntropyFunction.apply(rows.student_logits, rows.targets))
-
-    def from_log_probs(self, shared: SharedLogProbs) -> TermOutput:
-        """-log q[target] read from the shared log-softmax (gradient: its backward's softmax - onehot)."""
-        if shared.targets is None:
-            raise ValueError("'sft' needs targets (labels) for the scored positions")
-        ignored = shared.targets == IGNORE_INDEX
-        safe_targets = shared.targets.long().masked_fill(ignored, 0).unsqueeze(-1)
-        target_log_probs = shared.raw_student.gather(-1, safe_targets).squeeze(-1)
-        return TermOutput(values=torch.where(ignored, 0.0, -target_log_probs))
-
-    def __repr__(self) -> str:
-        return self.name

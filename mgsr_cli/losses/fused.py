@@ -39,7 +39,7 @@ BLOCK_ENTRIES = 1 << 22
 
 @dataclass
 class BlockScores:
-    """What the blocks of one chunk report besides the loss, detached; see registry.RowScore."""
+    """What the blocks of one chunk report besides the loss, detached; see objective.RowScore."""
 
     per_token: list[Tensor] = field(default_factory=list)
     terms: dict[str, Tensor] = field(default_factory=dict)
@@ -54,12 +54,12 @@ class BlockScores:
 
 
 def fused_score(objective, rows: Rows, token_count: int, pair_count: int):
-    """registry.RowScore of one chunk of rows, every term fed from shared log-probabilities.
+    """objective.RowScore of one chunk of rows, every term fed from shared log-probabilities.
 
     Differentiable in rows.student_logits and the objective's parameters (DAC-KL's f_sub)
     when grad mode is on; their gradients are computed block by block right here.
     """
-    from .registry import RowScore, pairs_within, plan_chunks
+    from .objective import RowScore, pairs_within, plan_chunks
 
     block_rows = max(1, BLOCK_ENTRIES // max(rows.student_logits.shape[-1], 1))
     blocks = plan_chunks(rows.num_rows, block_rows, rows.pairs)

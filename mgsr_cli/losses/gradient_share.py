@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import Rows
-from .registry import Objective
+from .objective import Objective
 
 
 def term_gradient_norms(objective: Objective, rows: Rows) -> dict[str, float]:
