@@ -213,7 +213,8 @@ def recipe_base(recipe: str | None, beta: float) -> tuple[str, dict]:
 
 
 def recipe_loss(recipe: str) -> str:
-    from mgsr_cli.config import DistillConfig, load_recipe, recipe_path
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import load_recipe, recipe_path
 
     if recipe in OTHER_LOOPS:
         return f"{loss_spec(0.0)} ({'TRL GKDTrainer, beta 0' if recipe == 'trl' else 'plain full-logit loop'})"
@@ -237,7 +238,8 @@ def teacher_always(distillation_class) -> None:
 
 def run_mgsr(spec: Spec, meter: Meter) -> dict:
     """mgsr's distill loop (what `run_distill` runs), with train_step timed from outside."""
-    from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import load_recipe, override, recipe_path
     from mgsr_cli.train import Distillation
     from mgsr_cli.train_data import global_batch
 

@@ -70,7 +70,8 @@ class Spec:
 
 
 def mgsr_config(spec: Spec):
-    from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import load_recipe, override, recipe_path
 
     recipe = "mgsr" if spec.variant == "mgsr-mgsr" else "gkd"
     changes = {

@@ -33,7 +33,8 @@ if __package__ in (None, ""):  # run as `python experiments/lab.py`: make `exper
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgsr_cli.artifacts import is_complete
-from mgsr_cli.config import DistillConfig, EvaluateConfig, ModelLoading, SamplingConfig, load_recipe, override, recipe_path
+from mgsr_cli.config import DistillConfig, EvaluateConfig, ModelLoading, SamplingConfig
+from mgsr_cli.config_loading import load_recipe, override, recipe_path
 from mgsr_cli.models import TinySize
 
 log = logging.getLogger("lab")

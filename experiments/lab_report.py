@@ -84,7 +84,8 @@ def collect(scale, runs: Path, timings) -> dict:
             run_details[label] = _run_details(runs / "distill" / label, timings.units.get(label))
     teacher_report = _json(evaluate / "teacher" / "report.json")
     from experiments.lab_evidence import collect_evidence
-    from mgsr_cli.config import DistillConfig, from_dict
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import from_dict
 
     configs = {}
     for recipe in scale.recipes:
@@ -135,7 +136,8 @@ def _last_val_loss(metrics: Path) -> float | None:
 
 def _recipe_settings(run: Path, student) -> dict:
     """The method-defining settings of a recipe's run, and the learning rate the run resolved."""
-    from mgsr_cli.config import DistillConfig, from_dict
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import from_dict
     from mgsr_cli.train_setup import resolve_schedule
 
     config = _json(run / "manifest.json")["config"]

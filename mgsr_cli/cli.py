@@ -157,7 +157,8 @@ def generate(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Sample responses (student-generated outputs) for a prompt set."""
-    from mgsr_cli.config import GenerateConfig, override
+    from mgsr_cli.config import GenerateConfig
+    from mgsr_cli.config_loading import override
     from mgsr_cli.generate import run_generate
 
     config = override(
@@ -197,7 +198,8 @@ def evaluate(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Score models with ROUGE-L under the papers' protocol (sampling at T=1, seeds 10..50) and write a report."""
-    from mgsr_cli.config import EvaluateConfig, override
+    from mgsr_cli.config import EvaluateConfig
+    from mgsr_cli.config_loading import override
     from mgsr_cli.evaluate import run_evaluate
 
     config = override(
@@ -267,7 +269,8 @@ def _distill(**flags: Any) -> None:
 
     Every recipe key is also a flag (nested keys joined by '-'); flags override the recipe.
     """
-    from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import load_recipe, override, recipe_path
     from mgsr_cli.train import run_distill
 
     out, recipe = flags.pop("out"), flags.pop("recipe")

@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.table import Table
 
 from mgsr_cli.artifacts import StageWriter, describe_input, iter_records, read_manifest, read_stage
-from mgsr_cli.config import CorrectConfig, SamplingConfig, ScrgOptions, from_dict, override, to_dict
+from mgsr_cli.config import CorrectConfig, SamplingConfig, ScrgOptions
+from mgsr_cli.config_loading import from_dict, override, to_dict
 from mgsr_cli.console import console, progress_bar
 from mgsr_cli.errors import UsageError
 from mgsr_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from mgsr_cli.artifacts import StageWriter, atomic_write_json, atomic_write_text, describe_input, iter_records
 from mgsr_cli.chat import recorded_renderings, resolve
-from mgsr_cli.config import EvaluateConfig, to_dict
+from mgsr_cli.config import EvaluateConfig
+from mgsr_cli.config_loading import to_dict
 from mgsr_cli.console import console
 from mgsr_cli.data import SHIPPED, load_examples, resolve_source, tokenize_prompts
 from mgsr_cli.errors import UsageError

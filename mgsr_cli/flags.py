@@ -16,7 +16,8 @@ from typing import Any, Callable, Literal, Optional
 
 import typer
 
-from mgsr_cli.config import FLAG_NAMES, DistillConfig, rules_text
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import FLAG_NAMES, rules_text
 
 # Flags whose names differ from the field names, for the command-line contract.
 RENAMED = {"__".join(path): flag for path, flag in FLAG_NAMES.items()}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mgsr_cli.artifacts import StageWriter, describe_input
 from mgsr_cli.chat import recorded_renderings, resolve
-from mgsr_cli.config import GenerateConfig, SamplingConfig, to_dict
+from mgsr_cli.config import GenerateConfig, SamplingConfig
+from mgsr_cli.config_loading import to_dict
 from mgsr_cli.console import progress_bar
 from mgsr_cli.data import PromptTokens, load_examples, resolve_source, tokenize_prompts
 from mgsr_cli.models import load_model_as, load_tokenizer, tokenizer_fingerprint

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgsr_cli.artifacts import is_complete
-from mgsr_cli.config import DistillConfig, EvaluateConfig, GenerateConfig, SamplingConfig, load_recipe, override, recipe_path
+from mgsr_cli.config import DistillConfig, EvaluateConfig, GenerateConfig, SamplingConfig
+from mgsr_cli.config_loading import load_recipe, override, recipe_path
 from mgsr_cli.console import console
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from torch import nn
 
 from mgsr_cli.artifacts import StageWriter, atomic_write_text, describe_input
 from mgsr_cli.checkpoints import TrainState, latest_checkpoint, save_checkpoint
-from mgsr_cli.config import DistillConfig, to_dict
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import to_dict
 from mgsr_cli.data import resolve_source
 from mgsr_cli.distributed import Layout, check_resumable, student_state_dict
 from mgsr_cli.errors import UsageError

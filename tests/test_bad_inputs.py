@@ -386,7 +386,7 @@ def test_a_failure_before_the_first_record_leaves_nothing_a_corrected_rerun_refu
 
 
 def test_a_shipped_recipe_name_is_never_shadowed_by_a_directory(workspace, tmp_path, monkeypatch):
-    from mgsr_cli.config import recipe_path
+    from mgsr_cli.config_loading import recipe_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kd").mkdir()

@@ -15,7 +15,8 @@ from mgsr_cli.artifacts import read_stage
 from mgsr_cli.batches import collate, ground_truth_sequences
 from mgsr_cli.chat import PAPERS, Rendering, resolve, template_sha256
 from mgsr_cli.cli import app
-from mgsr_cli.config import DataConfig, DistillConfig, from_dict, override
+from mgsr_cli.config import DataConfig, DistillConfig
+from mgsr_cli.config_loading import from_dict, override
 from mgsr_cli.data import load_examples, tokenize_prompts
 from mgsr_cli.errors import UsageError
 from mgsr_cli.models import load_tokenizer

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from mgsr_cli.cli import app
-from mgsr_cli.config import DistillConfig, load_recipe, override, recipe_path
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import load_recipe, override, recipe_path
 from mgsr_cli.losses import parse_spec
 from mgsr_cli.models import TINY_TEACHER, build_tiny_gpt2
 from mgsr_cli.train import run_distill

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mgsr_cli.cli import app
-from mgsr_cli.config import DistillConfig, from_dict
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import from_dict
 from mgsr_cli.distributed import Layout, check_resumable
 from mgsr_cli.errors import UsageError
 from mgsr_cli.train import Distillation, run_distill

@@ -9,7 +9,8 @@ import math
 from typer.testing import CliRunner
 
 from mgsr_cli.cli import app
-from mgsr_cli.config import DistillConfig, override
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import override
 from mgsr_cli.train import run_distill
 
 from .test_distill import FAST, metrics

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mgsr_cli.cli import app
-from mgsr_cli.config import DistillConfig, override
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import override
 from mgsr_cli.train import run_distill
 
 from .test_distill import FAST

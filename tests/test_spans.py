@@ -10,7 +10,8 @@ import pytest
 from transformers import GPT2TokenizerFast
 
 from mgsr_cli import spans
-from mgsr_cli.spans import phrase_ranges, response_spans, span_pairs, token_offsets
+from mgsr_cli.phrases import phrase_ranges
+from mgsr_cli.spans import response_spans, span_pairs, token_offsets
 
 TOKENIZER_DIRS = [
     Path(__file__).resolve().parents[1] / "mgsr_cli" / "assets" / "gpt2_tokenizer",

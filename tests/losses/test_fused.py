@@ -13,7 +13,8 @@ from importlib import resources
 import pytest
 import torch
 
-from mgsr_cli.config import DistillConfig, load_recipe
+from mgsr_cli.config import DistillConfig
+from mgsr_cli.config_loading import load_recipe
 from mgsr_cli.losses import Objective, build_loss, fused
 from mgsr_cli.losses.span import RELATIONS
 
