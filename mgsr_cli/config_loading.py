@@ -68,14 +68,20 @@ def override(config: Any, changes: dict, where: str = "flags", path: tuple[str, 
     return check(dataclasses.replace(config, **updates), where, path)
 
 
-# distill flags whose names are not their key paths joined by '-' (flags.py builds them from this)
-FLAG_NAMES = {("loss_options",): "--loss-option", ("data_format", "chat_template"): "--chat-template"}
+# distill flags whose names are not their key paths joined by '-' (flags.py builds them from this):
+# the first name is the one --help shows and errors name, the others are older spellings still taken.
+# --max-prompt-length is the spelling generate and evaluate use for the same setting.
+FLAG_NAMES = {
+    ("loss_options",): ("--loss-option",),
+    ("data_format", "chat_template"): ("--chat-template",),
+    ("data_format", "max_prompt_length"): ("--max-prompt-length", "--data-format-max-prompt-length"),
+}
 
 
 def culprit(where: str, path: tuple[str, ...]) -> str:
     """The flag or key an error names: '--top-p' for flags, 'recipe r.yaml: lr' for recipes."""
     if where == "flags":
-        return FLAG_NAMES.get(tuple(path), "--" + "-".join(path).replace("_", "-"))
+        return FLAG_NAMES.get(tuple(path), ("--" + "-".join(path).replace("_", "-"),))[0]
     if where == "flag":
         return "--" + path[-1].replace("_", "-")
     return f"{where}: {'.'.join(path)}" if path else where

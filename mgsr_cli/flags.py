@@ -19,8 +19,8 @@ import typer
 from mgsr_cli.config import DistillConfig
 from mgsr_cli.config_loading import FLAG_NAMES, rules_text
 
-# Flags whose names differ from the field names, for the command-line contract.
-RENAMED = {"__".join(path): flag for path, flag in FLAG_NAMES.items()}
+# Flags whose names differ from the field names, for the command-line contract (primary name first).
+RENAMED = {"__".join(path): names for path, names in FLAG_NAMES.items()}
 FIRST = ("teacher", "student")
 
 
@@ -34,23 +34,23 @@ def _field_parameters(cls: type, prefix: str = "", defaults: Any = None) -> list
         if dataclasses.is_dataclass(hints[field.name]):
             parameters += _field_parameters(hints[field.name], name + "__", default)
             continue
-        flag = RENAMED.get(name, "--" + name.replace("__", "-").replace("_", "-"))
+        flags = RENAMED.get(name, ("--" + name.replace("__", "-").replace("_", "-"),))
         help_text = field.metadata.get("help", "")
         if hints[field.name] is dict:
-            option = typer.Option(None, flag, help=help_text + " Repeat for several.", show_default=False)
+            option = typer.Option(None, *flags, help=help_text + " Repeat for several.", show_default=False)
             parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[list[str]]))
             continue
         shown = "" if default in ("", None, []) else f" [default: {default}]"
         shown += f" [{rules_text(field)}]" if rules_text(field) else ""
         kind = _flag_type(hints[field.name])
         if kind is bool:
-            option = typer.Option(None, f"{flag}/{flag.replace('--', '--no-', 1)}", help=help_text + shown, show_default=False)
+            option = typer.Option(None, *(f"{flag}/{flag.replace('--', '--no-', 1)}" for flag in flags), help=help_text + shown, show_default=False)
             annotation: Any = Optional[bool]
         elif isinstance(kind, tuple):
-            option = typer.Option(None, flag, help=help_text + shown, show_default=False)
+            option = typer.Option(None, *flags, help=help_text + shown, show_default=False)
             annotation = Optional[Literal[kind]]
         else:
-            option = typer.Option(None, flag, help=help_text + shown, show_default=False)
+            option = typer.Option(None, *flags, help=help_text + shown, show_default=False)
             annotation = Optional[kind]
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return parameters
