@@ -38,7 +38,8 @@ SUM_RECIPES = ("mgsr", "mgsr_fkl", "mgsr_no_span", "rlkd")  # the shipped multi-
 
 def recipe_losses(names: tuple[str, ...]) -> list[str]:
     """The shipped recipes' loss specs, read from the recipes so the sums cannot drift from them."""
-    from mgsr_cli.config import DistillConfig, load_recipe, recipe_path
+    from mgsr_cli.config import DistillConfig
+    from mgsr_cli.config_loading import load_recipe, recipe_path
 
     return [load_recipe(DistillConfig, recipe_path(name)).loss for name in names]
 
