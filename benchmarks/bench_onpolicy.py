@@ -11,7 +11,7 @@ tokens), AdamW, clipping 1.0 and number of steps:
                 sft (ground truth) + dac_kl + span (revised outputs) train;
 - trl-l0.5 / trl-l1: `GKDTrainer`, beta 0.5, lmbda 0.5 / 1.0, seq_kd off (its HF `generate` path).
 
-The timed window and memory marks are bench_distill's (`Meter`), the process isolation child_runs' (one fresh
+The timed window and memory marks are harness.py's (`Meter`), the process isolation child_runs' (one fresh
 process per run, interleaved). "tokens" are the response tokens the distillation loss is scored
 on (generated ones on generating steps); the share of generating steps is reported because the
 lmbda 0.5 coin is drawn by each library's own RNG.
@@ -34,15 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill import (  # noqa: E402  (the shared harness of the training benchmarks)
-    Meter,
-    available_gib,
-    import_gkd,
-    load_student_teacher,
-    machine_description,
-    median,
-    prepare,
-)
+from bench_distill import prepare  # noqa: E402
+from harness import Meter, available_gib, import_gkd, load_student_teacher, machine_description, median  # noqa: E402  (the shared harness of the training benchmarks)
 from child_runs import emit_result, run_child  # noqa: E402
 
 VARIANTS = ("mgsr-gkd", "mgsr-gkd-l1", "mgsr-mgsr", "trl-l0.5", "trl-l1")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill import Spec, available_gib, machine_description, median, prepare, run_spec  # noqa: E402
+from bench_distill import prepare, run_spec  # noqa: E402
+from harness import Spec, available_gib, machine_description, median  # noqa: E402
 from child_runs import run_child  # noqa: E402
 
 VOCAB = 50257

@@ -36,7 +36,7 @@ def tuning_budget(scale) -> dict:
 
 def collect_evidence(scale, runs: Path, configs: dict) -> dict:
     """`configs`: recipe -> its resolved DistillConfig (SCRG settings of the mechanism check)."""
-    from experiments.lab import EVAL_SETS
+    from experiments.lab_scale import EVAL_SETS
 
     evaluate, seeds, labels = runs / "evaluate", tuple(scale.eval_seeds), _labels(scale)
     ids = example_ids(records_by_key(evaluate, "teacher"), EVAL_SETS, seeds[0])

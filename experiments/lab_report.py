@@ -211,7 +211,7 @@ def markdown(data: dict) -> str:
     odd = anomalies(data)
     quick = scale["name"] == "quick"
     phases = data["timings"]["phases"]
-    from experiments.lab import GPU
+    from experiments.lab_scale import GPU
     from experiments.lab_evidence import markdown as evidence_markdown
 
     lines = [

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from typer.testing import CliRunner
 
 from mgsr_cli.artifacts import iter_records, read_stage
@@ -52,6 +51,7 @@ def test_generate_then_evaluate(tiny_pair, tmp_path, gpt2_tokenizer):
     assert again.exit_code == 0
     assert list(iter_records(tmp_path / "gen2" / "records.jsonl")) == records
     other_seed = invoke("generate", "--model", student, "--out", tmp_path / "gen3", "--seed", "8", *common)
+    assert other_seed.exit_code == 0, other_seed.output
     assert [r["response_ids"] for r in iter_records(tmp_path / "gen3" / "records.jsonl")] != [r["response_ids"] for r in records]
 
     result = invoke(

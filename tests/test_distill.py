@@ -20,7 +20,6 @@ from mgsr_cli.losses import parse_spec
 from mgsr_cli.models import TINY_TEACHER, build_tiny_gpt2
 from mgsr_cli.train import run_distill
 
-from .conftest import write_jsonl
 
 # Small enough for a CPU test: short prompts and responses, a few examples, no validation.
 FAST = {

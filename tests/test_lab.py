@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.lab import QUICK, RECIPES, run_lab
+from experiments.lab import run_lab
 from experiments.lab_report import TABLE_HEADER
+from experiments.lab_scale import QUICK, RECIPES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 NUMBER = r"-?\d+\.\d\d"
