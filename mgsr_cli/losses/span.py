@@ -140,15 +140,61 @@ def _centred_probs(log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     probs = log_probs.exp()
     floors = probs.shape[-1] * (4 * torch.finfo(probs.dtype).eps * probs.amax(dim=-1)).square()
     centred = probs.sub_(probs.mean(dim=-1, keepdim=True))
-    return centred, centred.square().sum(dim=-1), floors
+    return centred, torch.linalg.vector_norm(centred, dim=-1).square(), floors
 
 
-def _correlations(centred: Tensor, norms: Tensor, floors: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+class _PairLayout:
+    """Where a pair's rows sit among the rows the span term computes on.
+
+    The rows are those of the pairs (`torch.unique`), or every row of the block when the
+    pairs touch at least half of them: then no V-wide gather or scatter is needed. When
+    every pair joins neighbouring rows of that selection (span_pairs "adjacent"), the pair
+    products are taken from two offset views, centred[:-1] * centred[1:], not from gathers.
+    """
+
+    def __init__(self, pairs: Tensor, num_rows: int) -> None:
+        rows, local = torch.unique(pairs, return_inverse=True)
+        self.dense = 2 * rows.numel() >= num_rows
+        self.rows = rows
+        local = pairs if self.dense else local
+        self.first, self.second = local[:, 0], local[:, 1]
+        self.adjacent = local.numel() > 0 and bool((self.second == self.first + 1).all())
+
+    def take(self, full: Tensor) -> Tensor:
+        """The computed rows of a [N, V] tensor (the tensor itself when dense)."""
+        return full if self.dense else full[self.rows]
+
+    def place(self, computed: Tensor, like: Tensor) -> Tensor:
+        """`take`'s inverse: computed rows back in a [N, V] tensor of zeros."""
+        if self.dense:
+            return computed
+        full = torch.zeros_like(like)
+        full[self.rows] = computed
+        return full
+
+    def dots(self, centred: Tensor) -> Tensor:
+        """[P] <c_i, c_j> of every pair."""
+        if self.adjacent:
+            return (centred[:-1] * centred[1:]).sum(dim=-1)[self.first]
+        return (centred[self.first] * centred[self.second]).sum(dim=-1)
+
+    def add_partners(self, grad_rows: Tensor, centred: Tensor, weights: Tensor) -> None:
+        """grad_rows[i] += weights_p c_j and grad_rows[j] += weights_p c_i for every pair p = (i, j)."""
+        if self.adjacent:
+            per_neighbour = weights.new_zeros(centred.shape[0] - 1).index_add_(0, self.first, weights)[:, None]
+            grad_rows[:-1].addcmul_(centred[1:], per_neighbour)
+            grad_rows[1:].addcmul_(centred[:-1], per_neighbour)
+            return
+        grad_rows.index_add_(0, self.first, centred[self.second] * weights[:, None])
+        grad_rows.index_add_(0, self.second, centred[self.first] * weights[:, None])
+
+
+def _correlations(centred: Tensor, norms: Tensor, floors: Tensor, layout: _PairLayout) -> tuple[Tensor, Tensor]:
     """([P] Pearson correlations of the row pairs, 0 without spread; [P] bool: with spread)."""
+    first, second = layout.first, layout.second
     spread = (norms[first] > floors[first]) & (norms[second] > floors[second])
-    dots = torch.einsum("pv,pv->p", centred[first], centred[second])
     scale = torch.where(spread, norms[first], 1.0).sqrt() * torch.where(spread, norms[second], 1.0).sqrt()
-    return torch.where(spread, dots / scale, 0.0), spread
+    return torch.where(spread, layout.dots(centred) / scale, 0.0), spread
 
 
 class _PearsonGap(torch.autograd.Function):
@@ -163,28 +209,26 @@ class _PearsonGap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_log_probs: Tensor, teacher_log_probs: Tensor, pairs: Tensor) -> Tensor:
-        rows, local = torch.unique(pairs, return_inverse=True)
-        first, second = local[:, 0], local[:, 1]
-        teacher_correlation, _ = _correlations(*_centred_probs(teacher_log_probs[rows]), first, second)
-        centred, norms, floors = _centred_probs(student_log_probs[rows])
-        student_correlation, spread = _correlations(centred, norms, floors, first, second)
-        ctx.save_for_backward(student_log_probs, rows, first, second, centred, norms, student_correlation, teacher_correlation, spread)
+        layout = _PairLayout(pairs, student_log_probs.shape[0])
+        teacher_correlation, _ = _correlations(*_centred_probs(layout.take(teacher_log_probs)), layout)
+        centred, norms, floors = _centred_probs(layout.take(student_log_probs))
+        student_correlation, spread = _correlations(centred, norms, floors, layout)
+        ctx.layout = layout
+        ctx.save_for_backward(student_log_probs, centred, norms, student_correlation, teacher_correlation, spread)
         return (teacher_correlation - student_correlation).square()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values: Tensor):
-        student_log_probs, rows, first, second, centred, norms, correlation, teacher_correlation, spread = ctx.saved_tensors
+        student_log_probs, centred, norms, correlation, teacher_correlation, spread = ctx.saved_tensors
+        layout = ctx.layout
+        first, second = layout.first, layout.second
         grad_correlation = torch.where(spread, -2.0 * (teacher_correlation - correlation) * grad_values, 0.0)
         safe_norms = torch.where(norms > 0, norms, 1.0)
         cross = grad_correlation / (safe_norms[first] * safe_norms[second]).sqrt()  # times the other row
         own = grad_correlation * correlation  # times the row itself, over its squared norm
-        grad_rows = torch.zeros_like(centred)
-        grad_rows.index_add_(0, first, centred[second] * cross[:, None])
-        grad_rows.index_add_(0, second, centred[first] * cross[:, None])
         own_share = torch.zeros_like(norms).index_add_(0, first, own).index_add_(0, second, own) / safe_norms
-        grad_rows.addcmul_(centred, -own_share[:, None])
-        grad_rows.mul_(student_log_probs[rows].exp())  # d / d log q = q * d / d q
-        grad = torch.zeros_like(student_log_probs)
-        grad[rows] = grad_rows
-        return grad, None, None
+        grad_rows = centred * -own_share[:, None]
+        layout.add_partners(grad_rows, centred, cross)
+        grad_rows.mul_(layout.take(student_log_probs).exp())  # d / d log q = q * d / d q
+        return layout.place(grad_rows, student_log_probs), None, None

@@ -79,6 +79,7 @@ def random_rows(num_rows: int, vocab: int, seed: int, scale: float = 3.0) -> tup
         (2, 7, [[0, 1]]),
         (6, 7, [[0, 1], [1, 2], [2, 3], [4, 5], [0, 2], [1, 3]]),  # adjacent and all-pairs style
         (3, 50257, [[0, 1], [1, 2]]),
+        (9, 7, [[1, 2], [2, 3], [6, 7]]),  # pairs on a few rows, adjacent among them
     ],
 )
 def test_matches_reference(relation, num_rows, vocab, pairs):
@@ -89,10 +90,22 @@ def test_matches_reference(relation, num_rows, vocab, pairs):
     assert output.values.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
+# "pearson" takes its pair products from offset views or from gathers, and computes on every
+# row or only on the pairs' rows (span._PairLayout): each layout is checked here.
+PAIR_LAYOUTS = {
+    "all_rows_adjacent": (4, [[0, 1], [1, 2], [2, 3]]),
+    "all_rows_any": (4, [[0, 1], [1, 2], [2, 3], [0, 3]]),
+    "some_rows_adjacent": (9, [[1, 2], [2, 3], [6, 7]]),
+    "some_rows_any": (9, [[1, 3], [3, 7], [1, 7]]),
+}
+
+
 @pytest.mark.parametrize("relation", RELATIONS)
-def test_gradcheck(relation):
-    student, teacher = random_rows(4, 5, seed=1)
-    pairs = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3]])
+@pytest.mark.parametrize("layout", PAIR_LAYOUTS, ids=list(PAIR_LAYOUTS))
+def test_gradcheck(relation, layout):
+    num_rows, pair_list = PAIR_LAYOUTS[layout]
+    student, teacher = random_rows(num_rows, 5, seed=1)
+    pairs = torch.tensor(pair_list)
     loss = SpanLoss(span_relation=relation)
 
     def function(student_logits):
