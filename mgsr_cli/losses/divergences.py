@@ -9,7 +9,7 @@ Each divergence is a `torch.autograd.Function` with a closed-form gradient with 
 the student logits. The function saves only its two inputs (which the caller holds anyway)
 and recomputes the log-probs in backward, so a [N, V] loss keeps no V-wide intermediate
 alive between forward and backward; plain autograd would keep two or three of them per
-term. Forward and backward also walk the rows in blocks of about 4M entries, so their
+term. Forward and backward also walk the rows in blocks of about 1M entries, so their
 temporaries stay small whatever N is (an [N, V] gradient is the only full-size output).
 The teacher is a constant target: it is detached and gets no gradient.
 
@@ -31,8 +31,10 @@ from torch.autograd.function import once_differentiable
 
 from .base import Rows, SharedLogProbs, TermOutput
 
-# Entries per row block inside the closed-form functions: 16 MiB float32 temporaries.
-BLOCK_ENTRIES = 1 << 22
+# Entries per row block inside the closed-form functions: 4 MiB float32 temporaries (20 rows at
+# V = 50257), which stay in cache between the block's passes. On 2 AMD EPYC cores, fkl forward +
+# backward on 512 rows took 0.13-0.15 s this way against 0.17-0.22 s with 16 MiB blocks; sft 10% less.
+BLOCK_ENTRIES = 1 << 20
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -45,10 +47,16 @@ def _log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Σ_k a_k (log a_k - log b_k) per row, with entries where a_k = 0 contributing 0."""
+    """Σ_k a_k (log a_k - log b_k) per row, with entries where a_k = 0 contributing 0.
+
+    Only an infinite log a_k - log b_k makes 0 · (log a_k - log b_k) a NaN, so the zeros are
+    masked only when either input holds a -inf: two reductions, where the mask costs two V-wide
+    passes."""
     a = log_a.exp()
-    terms = (log_a - log_b).mul_(a)
-    return terms.masked_fill_(a == 0, 0.0).sum(dim=-1)
+    terms = torch.sub(log_a, log_b).mul_(a)
+    if bool(log_a.amin() == -math.inf) or bool(log_b.amin() == -math.inf):
+        terms.masked_fill_(a == 0, 0.0)
+    return terms.sum(dim=-1)
 
 
 def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:

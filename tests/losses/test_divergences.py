@@ -246,6 +246,20 @@ def test_masked_vocabulary_entries_are_ignored(name):
         torch.testing.assert_close(values[row : row + 1].detach(), alone)
 
 
+@pytest.mark.parametrize("order", ["a_underflows", "b_underflows"])
+def test_kl_rows_where_one_side_underflows_and_the_other_is_minus_inf(order):
+    """float32 a_k = exp(-200) is 0 while log b_k = -inf: the entry counts 0 (as with log a_k = -inf),
+    not 0 * inf = NaN; each row is checked against the float64 reference over the other entries."""
+    finite = torch.log_softmax(torch.tensor([[0.3, -0.2, -200.0], [1.0, 0.0, -250.0]]), dim=-1)
+    other = torch.log_softmax(torch.tensor([[0.1, 0.4, -math.inf], [0.0, 2.0, -math.inf]]), dim=-1)
+    log_a, log_b = (finite, other) if order == "a_underflows" else (other, finite)
+    values = divergences.kl_rows(log_a, log_b)
+    assert torch.isfinite(values).all()
+    for row in range(2):
+        a, b = (probabilities([float(x) for x in log[row, :2]]) for log in (log_a, log_b))
+        torch.testing.assert_close(values[row], torch.tensor(kl(a, b), dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("spec", ["sft", *sorted(REFERENCES), "rank:5"])
 def test_no_nan_with_masked_vocabulary_or_zero_probabilities(spec):
     student, teacher, _ = masked_vocabulary_logits(seed=31)
