@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=400, help="Dolly train examples the batches are drawn from")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
-    parser.add_argument("--chunk-size", type=int, default=512, help="mgsr's rows per output-layer chunk")
+    parser.add_argument("--chunk-size", type=int, default=128, help="mgsr's rows per output-layer chunk (distill's default)")
     parser.add_argument("--teacher-size", default="4x128x4", help="teacher layers x width x heads (default: the embedded pair)")
     parser.add_argument("--student-size", default="2x64x2", help="student layers x width x heads")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per run")

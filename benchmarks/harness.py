@@ -32,7 +32,7 @@ class Spec:
     batch_size: int = 8
     steps: int = 5
     warmup: int = 2
-    chunk_size: int = 512
+    chunk_size: int = 128  # the distill default (config.DistillConfig.chunk_size)
     lr: float = 5e-4
     seed: int = 42
     threads: int = 2

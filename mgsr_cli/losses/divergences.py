@@ -7,10 +7,11 @@ NaN or inf.
 
 Each divergence is a `torch.autograd.Function` with a closed-form gradient with respect to
 the student logits. The function saves only its two inputs (which the caller holds anyway)
-and recomputes the log-probs in backward, so a [N, V] loss keeps no V-wide intermediate
-alive between forward and backward; plain autograd would keep two or three of them per
-term. Forward and backward also walk the rows in blocks of about 1M entries, so their
-temporaries stay small whatever N is (an [N, V] gradient is the only full-size output).
+and each row's logsumexp, and rebuilds the log-probs from them in backward (a subtraction,
+not a second log-softmax), so a [N, V] loss keeps no V-wide intermediate alive between
+forward and backward; plain autograd would keep two or three of them per term. Forward and
+backward also walk the rows in blocks of about 1M entries, so their temporaries stay small
+whatever N is (an [N, V] gradient is the only full-size output).
 The teacher is a constant target: it is detached and gets no gradient.
 
 For a row loss L(q), q = softmax(z), the chain rule through the softmax gives
@@ -44,6 +45,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _log_probs(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.log_softmax(logits, dim=-1, dtype=dtype)
+
+
+def _log_normalizer(logits: Tensor, log_probs: Tensor) -> Tensor:
+    """[n] logsumexp of each row, read back from its log-softmax: the largest log-probability
+    is max - logsumexp, so two maxima stand in for another pass with an exp (to rounding)."""
+    return logits.amax(dim=-1).to(log_probs.dtype) - log_probs.amax(dim=-1)
 
 
 def kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -81,27 +88,32 @@ class _ClosedFormDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, divergence: Divergence) -> Tensor:
         dtype = compute_dtype(student_logits, teacher_logits)
-        block_values, block_aux = [], []
+        block_values, block_aux, normalizers = [], [], []
         for rows in row_blocks(*student_logits.shape):
-            values, row_aux = divergence.values(
-                _log_probs(teacher_logits[rows], dtype), _log_probs(student_logits[rows], dtype)
+            log_p = _log_probs(teacher_logits[rows], dtype)
+            log_q = _log_probs(student_logits[rows], dtype)
+            normalizers.append(
+                (_log_normalizer(teacher_logits[rows], log_p), _log_normalizer(student_logits[rows], log_q))
             )
+            values, row_aux = divergence.values(log_p, log_q)
             block_values.append(values)
             block_aux.append(row_aux)
         ctx.divergence = divergence
-        ctx.save_for_backward(student_logits, teacher_logits, *(torch.cat(parts) for parts in zip(*block_aux)))
+        teacher_normalizer, student_normalizer = (torch.cat(parts) for parts in zip(*normalizers))
+        row_aux = (torch.cat(parts) for parts in zip(*block_aux))
+        ctx.save_for_backward(student_logits, teacher_logits, teacher_normalizer, student_normalizer, *row_aux)
         return torch.cat(block_values)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None]:
-        student_logits, teacher_logits, *row_aux = ctx.saved_tensors
+        student_logits, teacher_logits, teacher_normalizer, student_normalizer, *row_aux = ctx.saved_tensors
         dtype = compute_dtype(student_logits, teacher_logits)
         grad = torch.empty_like(student_logits)
         for rows in row_blocks(*student_logits.shape):
             block_grad = ctx.divergence.student_logit_grad(
-                _log_probs(teacher_logits[rows], dtype),
-                _log_probs(student_logits[rows], dtype),
+                torch.sub(teacher_logits[rows].to(dtype), teacher_normalizer[rows, None]),
+                torch.sub(student_logits[rows].to(dtype), student_normalizer[rows, None]),
                 *(aux[rows] for aux in row_aux),
             )
             grad[rows] = block_grad.mul_(grad_values[rows].to(dtype).unsqueeze(-1))
