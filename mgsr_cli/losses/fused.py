@@ -33,9 +33,11 @@ from .base import Rows, SharedLogProbs, TermOutput
 from .dac_band import floored_log_probs, floored_log_softmax
 from .divergences import compute_dtype
 
-# Logits per block: 16 MiB of float32 per [rows, V] temporary. Smaller blocks, which made the
-# closed-form divergences faster (divergences.BLOCK_ENTRIES), did not change this pass's time.
-BLOCK_ENTRIES = 1 << 22
+# Logits per block: 4 MiB of float32 per [rows, V] temporary, as the divergences' row blocks. Against
+# 16 MiB blocks, the mgsr recipe's bench step kept its time (1.39 and 1.26 s against 1.42 and 1.30 s)
+# at a lower peak (965 and 940 MiB against 1,039 and 966). Span pairs are never split, so rows
+# chained by adjacent pairs form one block whatever this is.
+BLOCK_ENTRIES = 1 << 20
 
 
 @dataclass
