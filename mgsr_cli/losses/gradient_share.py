@@ -10,27 +10,43 @@ on a few rows, so other steps pay nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import fused
 from .base import Rows
-from .objective import Objective
+from .objective import Objective, pairs_within, plan_chunks
 
 
 def term_gradient_norms(objective: Objective, rows: Rows) -> dict[str, float]:
     """{term name: norm of its weighted gradient w.r.t. rows.student_logits}, each term's
-    mean taken over the sample's own tokens (or pairs). The sample is detached from any graph."""
-    student = rows.student_logits.detach().requires_grad_(True)
-    sample = Rows(student, rows.teacher_logits.detach(), rows.targets, rows.pairs)
-    raw_rows, scaled_rows = objective._rows_for_terms(sample)
-    counts = {"token": max(sample.num_rows, 1), "pair": max(0 if rows.pairs is None else rows.pairs.shape[0], 1)}
-    norms = {}
+    mean taken over the sample's own tokens (or pairs). The sample is detached from any graph.
+
+    Row blocks of fused.BLOCK_ENTRIES logits (a span pair never cut) are differentiated one at
+    a time and their squared norms added: every term's value is a sum over rows (or pairs
+    inside a block), so the blocks' gradients are disjoint parts of the whole one. Scored at
+    once, the per-term path's V-wide intermediates over all the probe's rows made a logging
+    step the peak of a DAC-KL run's memory.
+    """
+    student = rows.student_logits.detach()
+    teacher = rows.teacher_logits.detach()
+    counts = {"token": max(rows.num_rows, 1), "pair": max(0 if rows.pairs is None else rows.pairs.shape[0], 1)}
+    squares = {term.name: 0.0 for term, _ in objective.weighted_terms}
+    block_rows = max(1, fused.BLOCK_ENTRIES // max(student.shape[-1], 1))
     with torch.enable_grad():
-        for term, weight in objective.weighted_terms:
-            output = term(scaled_rows if getattr(term, "uses_temperature", True) else raw_rows)
-            value = weight * output.values.sum() / counts[term.unit]
-            (gradient,) = torch.autograd.grad(value, student, retain_graph=True, allow_unused=True)
-            norms[term.name] = 0.0 if gradient is None else float(gradient.norm())
-    return norms
+        for start, end in plan_chunks(rows.num_rows, block_rows, rows.pairs):
+            block = student[start:end].clone().requires_grad_(True)
+            targets = rows.targets[start:end] if rows.targets is not None else None
+            sample = Rows(block, teacher[start:end], targets, pairs_within(rows.pairs, start, end))
+            raw_rows, scaled_rows = objective._rows_for_terms(sample)
+            for term, weight in objective.weighted_terms:
+                output = term(scaled_rows if getattr(term, "uses_temperature", True) else raw_rows)
+                value = weight * output.values.sum() / counts[term.unit]
+                (gradient,) = torch.autograd.grad(value, block, retain_graph=True, allow_unused=True)
+                if gradient is not None:
+                    squares[term.name] += float(gradient.square().sum())
+    return {name: math.sqrt(square) for name, square in squares.items()}
 
 
 def gradient_shares(norms: dict[str, float]) -> dict[str, float]:

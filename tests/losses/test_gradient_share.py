@@ -50,3 +50,17 @@ def test_all_zero_gradients_give_zero_shares():
     same = Rows(rows.teacher_logits, rows.teacher_logits, rows.targets, rows.pairs)
     metrics = gradient_shares(term_gradient_norms(build_loss("fkl"), same))
     assert metrics == {"grad_norm/fkl": pytest.approx(0.0, abs=1e-12), "grad_share/fkl": pytest.approx(0.0, abs=1e-6)}
+
+
+@pytest.mark.parametrize("block_entries", [11, 2 * 11, 4 * 11])
+def test_norms_taken_block_by_block_equal_the_whole_sample(block_entries, monkeypatch):
+    """Blocks of 1, 2 or 4 rows (moved past the span pairs [0, 1], [1, 2], [3, 4]): the squared
+    norms of the blocks' gradients add up to the whole sample's, term by term (float64, 1e-9)."""
+    from mgsr_cli.losses import fused
+
+    rows = sample_rows()
+    spec = "sft,dac_kl=0.5,span=0.5,rank:3=0.25"
+    monkeypatch.setattr(fused, "BLOCK_ENTRIES", block_entries)
+    norms = term_gradient_norms(build_loss(spec, fused=False), rows)
+    for term_spec, name in (("sft", "sft"), ("dac_kl=0.5", "dac_kl"), ("span=0.5", "span"), ("rank:3=0.25", "rank")):
+        assert norms[name] == pytest.approx(one_term_norm(term_spec, rows), rel=1e-9)
