@@ -56,16 +56,22 @@ class BlockScores:
             self.stats[name] = self.stats.get(name, 0) + value
 
 
+def row_blocks_of(rows: Rows) -> list[tuple[int, int]]:
+    """[start, end) blocks of about BLOCK_ENTRIES logits over `rows`, never splitting a span pair."""
+    from .objective import plan_chunks
+
+    return plan_chunks(rows.num_rows, max(1, BLOCK_ENTRIES // max(rows.student_logits.shape[-1], 1)), rows.pairs)
+
+
 def fused_score(objective, rows: Rows, token_count: int, pair_count: int):
     """objective.RowScore of one chunk of rows, every term fed from shared log-probabilities.
 
     Differentiable in rows.student_logits and the objective's parameters (DAC-KL's f_sub)
     when grad mode is on; their gradients are computed block by block right here.
     """
-    from .objective import RowScore, pairs_within, plan_chunks
+    from .objective import RowScore, pairs_within
 
-    block_rows = max(1, BLOCK_ENTRIES // max(rows.student_logits.shape[-1], 1))
-    blocks = plan_chunks(rows.num_rows, block_rows, rows.pairs)
+    blocks = row_blocks_of(rows)
     reports = BlockScores()
 
     def score_block(start: int, end: int, student_logits: Tensor):

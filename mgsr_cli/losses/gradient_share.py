@@ -16,7 +16,7 @@ import torch
 
 from . import fused
 from .base import Rows
-from .objective import Objective, pairs_within, plan_chunks
+from .objective import Objective, pairs_within
 
 
 def term_gradient_norms(objective: Objective, rows: Rows) -> dict[str, float]:
@@ -33,9 +33,8 @@ def term_gradient_norms(objective: Objective, rows: Rows) -> dict[str, float]:
     teacher = rows.teacher_logits.detach()
     counts = {"token": max(rows.num_rows, 1), "pair": max(0 if rows.pairs is None else rows.pairs.shape[0], 1)}
     squares = {term.name: 0.0 for term, _ in objective.weighted_terms}
-    block_rows = max(1, fused.BLOCK_ENTRIES // max(student.shape[-1], 1))
     with torch.enable_grad():
-        for start, end in plan_chunks(rows.num_rows, block_rows, rows.pairs):
+        for start, end in fused.row_blocks_of(rows):
             block = student[start:end].clone().requires_grad_(True)
             targets = rows.targets[start:end] if rows.targets is not None else None
             sample = Rows(block, teacher[start:end], targets, pairs_within(rows.pairs, start, end))
